@@ -1,0 +1,1 @@
+"""llmpatch evaluation suites (installed as `llmpatch.evals`)."""

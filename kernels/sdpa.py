@@ -1,0 +1,53 @@
+"""Exact masked-SDPA backend for static patterns (dense, sliding window, per-head sink + window, padding).
+
+It computes the same pattern as the reference, densely, with torch's scaled_dot_product_attention. Queries are
+processed in row chunks whose keys end at the chunk's last query, so no N x N mask is ever built; a plain causal
+prefill with no padding and no pattern is one `is_causal=True` call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .reference import positions, static_mask, visible_mask
+
+CHUNK_ELEMENTS = 1 << 22  # mask elements per chunk (rows x keys x heads)
+
+
+def supports(*, softcap=None, kv_index=None, head_mask=None, calib=None, **_) -> bool:
+    needs_probs = head_mask is not None and bool(head_mask.any())
+    needs_probs |= calib is not None and bool(calib.any())
+    return softcap is None and kv_index is None and not needs_probs
+
+
+def attention(
+    q, k, v, *, scale=None, start=None, key_padding=None, sliding_window=None, sink=None, window=None, **_
+):
+    b, h, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    gqa = h != hkv
+    has_pattern = sink is not None and window is not None and bool((window >= 0).any())
+    padded = key_padding is not None or (start is not None and bool((start > 0).any()))
+    if not (has_pattern or padded or sliding_window is not None) and nq in (1, nk):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=nq > 1, scale=scale, enable_gqa=gqa)
+
+    q_pos_all, k_pos_all = positions(b, nq, nk, start, q.device)
+    heads = h if has_pattern else 1
+    rows = max(1, CHUNK_ELEMENTS // max(1, nk * heads))
+    out = torch.empty_like(q)
+    for r0 in range(0, nq, rows):
+        r1 = min(nq, r0 + rows)
+        kend = nk - nq + r1  # the chunk's last query sees keys [0, kend)
+        q_pos, k_pos = q_pos_all[:, r0:r1], k_pos_all[:, :kend]
+        pad = key_padding[:, :kend] if key_padding is not None else None
+        mask = visible_mask(q_pos, k_pos, key_padding=pad, sliding_window=sliding_window)
+        if has_pattern:
+            mask = mask & static_mask(q_pos, k_pos, sink, window)
+        chunk = F.scaled_dot_product_attention(
+            q[:, :, r0:r1], k[:, :, :kend], v[:, :, :kend], attn_mask=mask, scale=scale, enable_gqa=gqa
+        )
+        # SDPA returns NaN on fully masked rows; the contract is 0.
+        out[:, :, r0:r1] = torch.where(mask.any(-1, keepdim=True), chunk, torch.zeros_like(chunk))
+    return out

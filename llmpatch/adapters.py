@@ -1,0 +1,147 @@
+"""Model adapters: read a HF causal LM's config and module tree into a `ModelSpec`.
+
+A new model family is one entry in `FAMILIES`. Detection never modifies the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from .errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    qk_norm: bool = False
+    uses_softcap: bool = False
+    # Mistral passes config.sliding_window to every layer; the others set `module.sliding_window` per layer.
+    window_from_config: bool = False
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("llama", ("llama",)),  # Vicuna is a llama
+        Family("mistral", ("mistral",), window_from_config=True),
+        Family("qwen2", ("qwen2",)),
+        Family("qwen3", ("qwen3",), qk_norm=True),
+        Family("gemma", ("gemma",)),
+        Family("gemma2", ("gemma2",), uses_softcap=True),
+        Family("gemma3_text", ("gemma3_text",), qk_norm=True),
+    )
+}
+
+
+def supported_families() -> list[str]:
+    return list(FAMILIES)
+
+
+@dataclass
+class ModelSpec:
+    family: str
+    model_type: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int | None
+    scaling: float
+    softcap: float | None
+    sliding_window: list[int | None]  # per layer; None = full attention
+    qk_norm: bool
+    rope: dict = field(default_factory=dict)
+    attention_paths: list[str] = field(default_factory=list)  # module path per layer, in layer order
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def fingerprint(self) -> dict:
+        """Config fields a plan must match; the hash covers them all."""
+        fields = {
+            "family": self.family,
+            "model_type": self.model_type,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+        }
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+        return {**fields, "hash": digest}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _text_config(model: nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The self-attention modules in layer order (those with q/k/v/o projections and a layer_idx)."""
+    found = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if all(hasattr(mod, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx"))
+    ]
+    return sorted(found, key=lambda item: item[1].layer_idx)
+
+
+def detect(model: nn.Module) -> ModelSpec:
+    """Build the ModelSpec of `model`, or raise UnsupportedModelError naming its model_type."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise UnsupportedModelError(
+            f"model: expected a transformers PreTrainedModel with a .config, got {type(model).__name__}"
+        )
+    config = _text_config(model)
+    model_type = getattr(config, "model_type", None)
+    family = next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+    if family is None:
+        raise UnsupportedModelError(
+            f"model: model_type {model_type!r} is not supported; supported families: {', '.join(FAMILIES)}"
+        )
+    modules = attention_modules(model)
+    n_layers = config.num_hidden_layers
+    if len(modules) != n_layers:
+        raise UnsupportedModelError(
+            f"model: found {len(modules)} attention modules for {n_layers} layers in {model_type!r}; "
+            "the module tree does not look like a transformers decoder"
+        )
+    first = modules[0][1]
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(first, "head_dim", None) or config.hidden_size // num_heads
+    if family.window_from_config:
+        windows = [getattr(config, "sliding_window", None)] * n_layers
+    else:
+        windows = [getattr(mod, "sliding_window", None) for _, mod in modules]
+    softcap = getattr(config, "attn_logit_softcapping", None) if family.uses_softcap else None
+    return ModelSpec(
+        family=family.name,
+        model_type=model_type,
+        num_layers=n_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        hidden_size=config.hidden_size,
+        vocab_size=config.vocab_size,
+        max_position_embeddings=getattr(config, "max_position_embeddings", None),
+        scaling=float(getattr(first, "scaling", head_dim**-0.5)),
+        softcap=softcap,
+        sliding_window=[int(w) if w else None for w in windows],
+        qk_norm=family.qk_norm,
+        rope=dict(getattr(config, "rope_parameters", None) or {}),
+        attention_paths=[name for name, _ in modules],
+    )

@@ -1,0 +1,124 @@
+"""The single attention function (and its mask function) registered with transformers as "llmpatch".
+
+The mask function never builds an N x N mask: it hands the attention function a `CompactMask` holding each
+sequence's first real key slot (left padding) and, only when the 2D mask has holes, the per-key padding.
+The attention function reads the layer's `LayerDecision` from the module and calls one backend entry point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import PatchStateError
+from .kernels import dispatch
+
+NAME = "llmpatch"
+
+
+@dataclass
+class CompactMask:
+    kv_offset: int  # absolute slot of key index 0 (non-zero when a sliding cache dropped old keys)
+    start: torch.Tensor | None  # [B] key index of each sequence's first real token; None = no padding
+    key_padding: torch.Tensor | None  # [B, Nk] bool, only when padding is not a left-padded prefix
+
+
+def compact_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> CompactMask:
+    """AttentionMaskInterface entry: causal + padding information in O(B x N)."""
+    kv_offset = int(kv_offset)
+    if attention_mask is None or bool(attention_mask.all()):
+        return CompactMask(kv_offset, None, None)
+    full = attention_mask.to(torch.bool)
+    idx = torch.arange(full.shape[-1], device=full.device)
+    first = torch.where(full.any(-1), full.float().argmax(-1), full.shape[-1])
+    left_padded = bool((full == (idx.unsqueeze(0) >= first.unsqueeze(-1))).all())
+    key_padding = None if left_padded else full[:, kv_offset : kv_offset + kv_length]
+    return CompactMask(kv_offset, (first - kv_offset).long(), key_padding)
+
+
+def _act_sinks_for(decision, mask: CompactMask, b: int, nk: int):
+    """The prefill sink set of this layer, aligned to the current key slots, or None."""
+    stored = decision.state.get("act_sinks")
+    if stored is None or stored[1].shape[0] != b:
+        return None
+    offset, sinks = stored
+    lo = mask.kv_offset - offset
+    aligned = torch.zeros(b, sinks.shape[1], nk, dtype=torch.bool, device=sinks.device)
+    src = sinks[..., max(lo, 0) : lo + nk]
+    aligned[..., max(-lo, 0) : max(-lo, 0) + src.shape[-1]] = src
+    return aligned
+
+
+def llmpatch_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    **kwargs,
+):
+    decision = getattr(module, "llmpatch_layer", None)
+    if decision is None:
+        raise PatchStateError(
+            f"attn_implementation: {NAME!r} is set but layer {getattr(module, 'layer_idx', '?')} carries no "
+            "llmpatch decisions; use llmpatch.apply(model, ...) instead of setting the implementation by hand"
+        )
+    if attention_mask is not None and not isinstance(attention_mask, CompactMask):
+        raise PatchStateError(
+            "attention_mask: llmpatch takes 2D padding masks only (shape [batch, length]); "
+            f"got a prepared {type(attention_mask).__name__} of shape {tuple(attention_mask.shape)}"
+        )
+    mask = attention_mask or CompactMask(0, None, None)
+    b, h, nq, _ = query.shape
+    nk = key.shape[2]
+    prefill = nk == nq
+    kw = dict(
+        scale=scaling,
+        softcap=softcap,
+        start=mask.start,
+        key_padding=mask.key_padding,
+        sliding_window=decision.sliding_window,
+    )
+    if bool((decision.window >= 0).any()):
+        kw.update(sink=decision.sink.to(query.device), window=decision.window.to(query.device))
+    if decision.selector is not None:
+        kv_count, kv_index = decision.selector(query, key, decision, mask)
+        kw.update(kv_count=kv_count, kv_index=kv_index, block_size=decision.block_size)
+    if (not prefill or decision.mask_prefill) and bool(decision.head_mask.any()):
+        kw.update(head_mask=decision.head_mask.to(query.device))
+    calibrating = bool(decision.calib.any())
+    if calibrating and (prefill or decision.calib_decode):
+        kw.update(
+            calib=decision.calib.to(query.device),
+            calib_beta=decision.calib_beta,
+            calib_threshold=decision.calib_threshold,
+        )
+        if not prefill:
+            kw["calib_sinks"] = _act_sinks_for(decision, mask, b, nk)
+            if kw["calib_sinks"] is None:
+                del kw["calib"]  # no prefill sink set for this batch: the decode row is left uncalibrated
+    out, sinks = dispatch.attention(query, key, value, backend=decision.backend, **kw)
+    if prefill and sinks is not None:
+        decision.state["act_sinks"] = (mask.kv_offset, sinks)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register the attention and mask functions under "llmpatch" (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, llmpatch_attention)
+    AttentionMaskInterface.register(NAME, compact_mask)

