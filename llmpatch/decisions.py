@@ -79,7 +79,7 @@ class LayerDecision:
     def describe(self) -> str:
         parts = []
         if bool((self.window >= 0).any()):
-            pairs = sorted({(int(s), int(w)) for s, w in zip(self.sink, self.window)})
+            pairs = sorted({(int(s), int(w)) for s, w in zip(self.sink, self.window, strict=True)})
             parts.append("sink+window " + ", ".join(f"{s}+{w if w >= 0 else 'all'}" for s, w in pairs))
         if self.selector is not None:
             parts.append(

@@ -150,7 +150,7 @@ def apply(
     original = model.config._attn_implementation
     modules = attention_modules(model)
     try:
-        for (_, module), decision in zip(modules, layers):
+        for (_, module), decision in zip(modules, layers, strict=True):
             module.__dict__[LAYER_ATTR] = decision
         model.set_attn_implementation(attention.NAME)
     except Exception:
