@@ -21,6 +21,7 @@ ANSWER_PREFIX = "The pass key is"
 @dataclass
 class PasskeySample:
     prompt: str  # ready for the tokenizer (chat template applied when the tokenizer has one)
+    text: str  # the user's words before any template: haystack, needle and question
     passkey: int
     depth: float
     n_tokens: int
@@ -57,8 +58,8 @@ def make_sample(tokenizer, n_tokens: int, *, seed: int = 0, depth: float | None 
     n = max(0, (n_tokens - count(0)) // per)
     while n > 0 and count(n) > n_tokens:
         n -= 1
-    prompt = render(tokenizer, _body(n, depth, passkey))
-    return PasskeySample(prompt, passkey, depth, count(n))
+    body = _body(n, depth, passkey)
+    return PasskeySample(render(tokenizer, body), f"{body}\n\n{QUESTION}", passkey, depth, count(n))
 
 
 def is_correct(sample: PasskeySample, generated: str) -> bool:

@@ -203,7 +203,7 @@ def load_model(
     *,
     dtype: torch.dtype | str | None = None,
     device: str | None = None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     root: Path | None = None,
     progress=print,

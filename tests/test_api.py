@@ -1,0 +1,113 @@
+"""The public API: patched(), describe(), save()/plan round trip, composition, decision seams, lazy imports."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from llmpatch.kernels import HEAD_ZERO
+
+import llmpatch
+from llmpatch.testing import tiny_model
+
+X = torch.tensor([[5, 9, 17, 33, 8, 70, 12, 90, 4, 61, 27, 44]])
+
+
+def test_methods_listing():
+    assert {"dense", "sink_window"} <= set(llmpatch.methods())
+
+
+def test_patched_removes_on_exception():
+    m = tiny_model("mistral")
+    before = m(X).logits
+    with pytest.raises(RuntimeError, match="boom"):
+        with llmpatch.patched(m, "sink_window", sink=1, window=3):
+            assert m.config._attn_implementation == "llmpatch"
+            raise RuntimeError("boom")
+    assert m.config._attn_implementation == "eager"
+    assert llmpatch.current_patch(m) is None
+    assert torch.equal(m(X).logits, before)
+
+
+def test_describe_and_plan_round_trip(tmp_path):
+    m = tiny_model("gemma3_text")
+    patch = llmpatch.apply(m, "sink_window", sink=2, window=5, layers=[0, 2])
+    text = patch.describe()
+    assert "sink_window on gemma3_text" in text and "layer   0" in text and "sink+window 2+5" in text
+    assert "layer   1 model.layers.1.self_attn: dense" in text
+    want = m(X).logits
+    path = patch.save(tmp_path / "plan.json")
+    patch.remove()
+    data = json.loads(path.read_text())
+    assert data["schema"] == "llmpatch.plan" and data["version"] == 1
+    assert data["model"]["family"] == "gemma3_text" and len(data["model"]["hash"]) == 16
+    assert data["methods"] == [{"name": "sink_window", "params": {"sink": 2, "window": 5, "layers": [0, 2]}}]
+    assert {"llmpatch_version", "created", "command"} <= set(data["provenance"])
+    with llmpatch.patched(m, "sink_window", plan=path):
+        assert torch.equal(m(X).logits, want)
+    with llmpatch.patched(m, "sink_window", plan=path, window=64) as p:  # overrides beat the plan
+        assert p.methods[0].window == 64 and p.methods[0].sink == 2
+
+
+def test_conflicting_composition_is_refused():
+    m = tiny_model("llama")
+    with pytest.raises(
+        llmpatch.ParameterError, match="'sink_window' and 'dense' both set the static pattern"
+    ):
+        llmpatch.apply(m, ["dense", "sink_window"])
+    assert llmpatch.current_patch(m) is None
+    with pytest.raises(llmpatch.ParameterError, match="names a method twice"):
+        llmpatch.apply(m, ["dense", "dense"])
+
+
+def test_overrides_are_routed_to_composed_methods():
+    route = llmpatch.patch._route_overrides
+    names = ["dense", "sink_window"]
+    assert route(names, {"window": 4}) == {"dense": {}, "sink_window": {"window": 4}}
+    assert route(names, {"sink_window": {"sink": 1}}) == {"dense": {}, "sink_window": {"sink": 1}}
+    with pytest.raises(llmpatch.ParameterError, match=r"beta: no method among \['dense', 'sink_window'\]"):
+        route(names, {"beta": 0.5})
+
+
+def test_head_mask_applies_on_decode_only():
+    m = tiny_model("qwen3")
+    prefill = m(X, use_cache=True)
+    step = torch.tensor([[11]])
+    want_step = m(step, past_key_values=prefill.past_key_values).logits
+    with llmpatch.patched(m, "dense") as patch:
+        patch.layers[1].head_mask[:] = HEAD_ZERO
+        out = m(X, use_cache=True)
+        torch.testing.assert_close(out.logits, prefill.logits, atol=1e-5, rtol=0)
+        got_step = m(step, past_key_values=out.past_key_values).logits
+        assert not torch.allclose(got_step, want_step, atol=1e-3)
+
+
+def test_act_sinks_found_at_prefill_are_reused_on_decode():
+    m = tiny_model("llama")
+    with llmpatch.patched(m, "dense") as patch:
+        for layer in patch.layers:
+            layer.calib[:] = True
+            layer.calib_threshold = 0.05
+        out = m(X, use_cache=True)
+        offset, sinks = patch.layers[0].state["act_sinks"]
+        assert offset == 0 and sinks.shape == (1, 4, X.shape[1])
+        m(torch.tensor([[11]]), past_key_values=out.past_key_values)
+        assert patch.layers[0].state["act_sinks"][1] is sinks  # decode reuses, never overwrites
+
+
+def test_attention_without_decisions_gives_clear_error():
+    m = tiny_model("llama")
+    llmpatch.attention.register()
+    m.set_attn_implementation("llmpatch")
+    with pytest.raises(llmpatch.PatchStateError, match="carries no llmpatch decisions; use llmpatch.apply"):
+        m(X)
+
+
+def test_import_needs_neither_triton_nor_cuda():
+    code = (
+        "import sys, llmpatch, llmpatch.kernels, llmpatch.evals; "
+        "assert 'triton' not in sys.modules, 'triton imported'; "
+        "import torch; assert not torch.cuda.is_initialized()"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

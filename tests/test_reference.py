@@ -1,0 +1,116 @@
+"""Every decision kind of the reference backend (and the SDPA backend where it applies) against the oracle."""
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+from llmpatch.kernels import dispatch, reference, sdpa
+from oracle import oracle_attention
+
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
+
+
+@st.composite
+def problems(draw, kinds=("static", "blocks", "mask", "calib")):
+    b = draw(st.integers(1, 2))
+    hkv = draw(st.integers(1, 2))
+    g = draw(st.integers(1, 3))
+    h = hkv * g
+    nk = draw(st.integers(1, 20))
+    nq = draw(st.sampled_from(sorted({1, 2, nk})))  # decode steps, a short chunk, or prefill
+    nq = min(nq, nk)
+    d = draw(st.sampled_from([4, 8]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    q = torch.randn(b, h, nq, d, generator=gen) * 2
+    k = torch.randn(b, hkv, nk, d, generator=gen) * 2
+    v = torch.randn(b, hkv, nk, d, generator=gen)
+    kw = {"scale": draw(st.sampled_from([None, 0.3]))}
+    kw["softcap"] = draw(st.sampled_from([None, 3.0]))
+    if draw(st.booleans()):
+        kw["start"] = torch.tensor([draw(st.integers(-2, nk - 1)) for _ in range(b)])
+    if draw(st.booleans()):
+        kw["sliding_window"] = draw(st.integers(1, 8))
+    if "static" in kinds and draw(st.booleans()):
+        kw["sink"] = torch.tensor([draw(st.integers(0, 4)) for _ in range(h)])
+        kw["window"] = torch.tensor([draw(st.integers(-1, 6)) for _ in range(h)])
+    if "blocks" in kinds and draw(st.booleans()):
+        bs = draw(st.sampled_from([2, 4]))
+        n_qb, n_kb = (nq + bs - 1) // bs, (nk + bs - 1) // bs
+        count = torch.randint(0, n_kb + 1, (b, h, n_qb), generator=gen)
+        # `count` random distinct blocks, sorted, padded with an out-of-range id
+        chosen = torch.stack([torch.randperm(n_kb, generator=gen) for _ in range(b * h * n_qb)]).view(
+            b, h, n_qb, n_kb
+        )
+        index = torch.where(torch.arange(n_kb) < count.unsqueeze(-1), chosen, n_kb).sort(-1).values.int()
+        kw.update(kv_count=count.int(), kv_index=index, block_size=bs)
+    if "mask" in kinds and draw(st.booleans()):
+        kw["head_mask"] = torch.tensor([draw(st.integers(0, 2)) for _ in range(h)], dtype=torch.int8)
+    if "calib" in kinds and draw(st.booleans()):
+        kw["calib"] = torch.tensor([draw(st.booleans()) for _ in range(h)])
+        kw["calib_beta"] = draw(st.sampled_from([0.0, 0.4, 1.0]))
+        kw["calib_threshold"] = draw(st.sampled_from([0.05, 0.1, 0.3]))
+        if nq < nk and draw(st.booleans()):
+            kw["calib_sinks"] = torch.rand(b, h, nk, generator=gen) < 0.3
+    return q, k, v, kw
+
+
+@SETTINGS
+@given(problems())
+def test_reference_matches_oracle(problem):
+    q, k, v, kw = problem
+    got = reference.attention(q, k, v, **kw).out
+    want = oracle_attention(q, k, v, **kw)
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@SETTINGS
+@given(problems(kinds=("static",)))
+def test_sdpa_backend_matches_reference(problem):
+    q, k, v, kw = problem
+    kw.pop("softcap")
+    want = reference.attention(q, k, v, **kw).out
+    got = sdpa.attention(q, k, v, **kw)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@SETTINGS
+@given(problems())
+def test_row_chunked_reference_is_exact(problem):
+    q, k, v, kw = problem
+    old = dispatch.ROW_CHUNK_ELEMENTS
+    dispatch.ROW_CHUNK_ELEMENTS = 1  # one row (or one block of rows) per chunk
+    try:
+        got, _ = dispatch.attention(q, k, v, backend="reference", **kw)
+    finally:
+        dispatch.ROW_CHUNK_ELEMENTS = old
+    torch.testing.assert_close(got, reference.attention(q, k, v, **kw).out, atol=1e-6, rtol=1e-6)
+
+
+def test_fully_masked_rows_are_zero_not_nan():
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8)
+    start = torch.tensor([3])  # the first three queries are padding
+    for backend in ("reference", "sdpa"):
+        out, _ = dispatch.attention(q, k, v, backend=backend, start=start)
+        assert not torch.isnan(out).any()
+        assert out[:, :, :3].abs().max() == 0
+
+
+def test_act_reuses_prefill_sinks_on_decode():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)
+    k[:, :, [0, 3]] *= 0  # make keys 0 and 3 sinks for some heads
+    calib = torch.tensor([True, True])
+    pre = reference.attention(q[:, :, :8], k[:, :, :8], v[:, :, :8], calib=calib, calib_threshold=0.05)
+    assert pre.calib_sinks is not None and pre.calib_sinks.shape == (1, 2, 8)
+    dec = reference.attention(q[:, :, 8:], k, v, calib=calib, calib_sinks=pre.calib_sinks)
+    want = oracle_attention(q[:, :, 8:], k, v, calib=calib, calib_sinks=pre.calib_sinks)
+    torch.testing.assert_close(dec.out.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_backend_refuses_what_it_cannot_run():
+    q = k = v = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="backend"):
+        dispatch.attention(q, k, v, backend="sdpa", softcap=5.0)
+    with pytest.raises(ValueError, match="backend: must be one of"):
+        dispatch.attention(q, k, v, backend="flash")
