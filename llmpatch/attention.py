@@ -24,16 +24,44 @@ class CompactMask:
     key_padding: torch.Tensor | None  # [B, Nk] bool, only when padding is not a left-padded prefix
 
 
+MASK_CHECK_PAIRS = 4096
+
+
+def _check_mask_function(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, local_size):
+    """Refuse mask functions that are not plain causal (+ the layer's sliding window), such as packed sequences
+    or custom overlays: the compact form cannot carry them. Checked on a sample of (query, key) pairs."""
+    if mask_function is None:
+        return
+    gen = torch.Generator().manual_seed(0)
+    n = min(MASK_CHECK_PAIRS, q_length * kv_length)
+    qi = torch.randint(0, q_length, (n,), generator=gen) + int(q_offset)
+    ki = torch.randint(0, kv_length, (n,), generator=gen) + int(kv_offset)
+    want = ki <= qi
+    if local_size is not None:
+        want &= (qi - ki) < local_size
+    for b in {0, batch_size - 1}:
+        got = mask_function(torch.full((n,), b), torch.zeros(n, dtype=torch.long), qi, ki)
+        if not torch.equal(torch.as_tensor(got, dtype=torch.bool), want):
+            raise PatchStateError(
+                "attention_mask: llmpatch supports causal attention with padding masks (and the model's own "
+                "sliding windows); this call asks for another pattern (packed sequences in position_ids, "
+                "bidirectional or custom mask functions). Pass an attention_mask, or remove the patch."
+            )
+
+
 def compact_mask(
     batch_size: int,
     q_length: int,
     kv_length: int,
     q_offset: int = 0,
     kv_offset: int = 0,
+    mask_function=None,
     attention_mask: torch.Tensor | None = None,
+    local_size: int | None = None,
     **kwargs,
 ) -> CompactMask:
     """AttentionMaskInterface entry: causal + padding information in O(B x N)."""
+    _check_mask_function(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, local_size)
     kv_offset = int(kv_offset)
     if attention_mask is None or bool(attention_mask.all()):
         return CompactMask(kv_offset, None, None)

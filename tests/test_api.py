@@ -111,3 +111,39 @@ def test_import_needs_neither_triton_nor_cuda():
         "import torch; assert not torch.cuda.is_initialized()"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_packed_sequences_are_refused_not_ignored():
+    m = tiny_model("llama")
+    packed = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]])  # two sequences in one row
+    want_error = "attention_mask: llmpatch supports causal attention with padding masks"
+    with llmpatch.patched(m, "dense"):
+        m(X, position_ids=torch.arange(12).unsqueeze(0))  # ordinary positions are fine
+        with pytest.raises(llmpatch.PatchStateError, match=want_error):
+            m(X, position_ids=packed, use_cache=False)  # transformers only detects packing without a cache
+
+
+def test_dynamic_block_selector_seam():
+    """A selector returning every causal block gives dense logits; one returning only the diagonal block
+    equals a window of the block size aligned to blocks."""
+    m = tiny_model("qwen2")
+    want = m(X).logits
+
+    def all_blocks(q, k, decision, mask):
+        b, h, nq, nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        bs = decision.block_size
+        n_qb, n_kb = -(-nq // bs), -(-nk // bs)
+        index = torch.arange(n_kb, dtype=torch.int32).expand(b, h, n_qb, n_kb).contiguous()
+        return torch.full((b, h, n_qb), n_kb, dtype=torch.int32), index
+
+    with llmpatch.patched(m, "dense") as patch:
+        for layer in patch.layers:
+            layer.selector, layer.block_size = all_blocks, 4
+        torch.testing.assert_close(m(X).logits, want, atol=1e-5, rtol=0)
+        assert "dynamic blocks (all_blocks, b=4)" in patch.describe()
+        for layer in patch.layers:
+            layer.selector = lambda q, k, d, mask: (
+                torch.ones(q.shape[0], q.shape[1], 3, dtype=torch.int32),
+                torch.arange(3, dtype=torch.int32).view(1, 1, 3, 1).expand(q.shape[0], q.shape[1], 3, 1),
+            )
+        assert not torch.allclose(m(X).logits, want, atol=1e-3)
