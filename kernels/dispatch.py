@@ -51,10 +51,10 @@ def _reference_chunked(q, k, v, **kw):
     nk = k.shape[2]
     calib = kw.get("calib")
     block = kw.get("block_size", 64)
-    rows = nq if calib is not None and bool(calib.any()) else max(1, ROW_CHUNK_ELEMENTS // max(1, nk * h))
+    rows = max(1, ROW_CHUNK_ELEMENTS // max(1, nk * h))
     if kw.get("kv_index") is not None:
-        rows = max(block, rows // block * block)
-    if rows >= nq:
+        rows = max(block, rows // block * block)  # chunks hold whole query blocks
+    if rows >= nq or (calib is not None and bool(calib.any())):
         res = reference.attention(q, k, v, **kw)
         return res.out, res.calib_sinks
     outs = []

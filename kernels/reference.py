@@ -27,7 +27,7 @@ HEAD_KEEP, HEAD_UNIFORM, HEAD_ZERO = 0, 1, 2
 
 class AttentionResult(NamedTuple):
     out: torch.Tensor  # [B, H, Nq, D], dtype of q
-    lse: torch.Tensor  # [B, H, Nq], fp32, natural log, -inf on fully masked rows
+    lse: torch.Tensor  # [B, H, Nq], fp32 (fp64 for fp64 inputs), natural log, -inf on fully masked rows
     calib_sinks: torch.Tensor | None  # [B, H, Nk] bool: the ACT sink set used per head (False for others)
 
 
@@ -67,8 +67,9 @@ def block_mask(kv_count, kv_index, block_size: int, nq: int, nk: int) -> torch.T
     b, h, qb, max_k = kv_index.shape
     n_kb = (nk + block_size - 1) // block_size
     valid = torch.arange(max_k, device=kv_index.device).view(1, 1, 1, max_k) < kv_count.unsqueeze(-1)
+    valid &= (kv_index >= 0) & (kv_index < n_kb)  # blocks past the keys select nothing
     blocks = torch.zeros(b, h, qb, n_kb + 1, dtype=torch.bool, device=kv_index.device)
-    idx = torch.where(valid, kv_index.long().clamp(0, n_kb - 1), n_kb)  # invalid entries go to a spare column
+    idx = torch.where(valid, kv_index.long(), n_kb)  # invalid entries go to a spare column
     blocks.scatter_(-1, idx, True)
     blocks = blocks[..., :n_kb]
     rows = (torch.arange(nq, device=kv_index.device) // block_size).clamp(max=qb - 1)
@@ -131,10 +132,11 @@ def attention(
     if h % hkv:
         raise ValueError(f"q heads ({h}) must be a multiple of kv heads ({hkv})")
     scale = d**-0.5 if scale is None else scale
-    k = k.repeat_interleave(h // hkv, dim=1).float()
-    v = v.repeat_interleave(h // hkv, dim=1).float()
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # fp32 accumulation at least
+    k = k.repeat_interleave(h // hkv, dim=1).to(acc)
+    v = v.repeat_interleave(h // hkv, dim=1).to(acc)
 
-    scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale
+    scores = torch.matmul(q.to(acc), k.transpose(-1, -2)) * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
 
@@ -157,7 +159,7 @@ def attention(
 
     if head_mask is not None and bool((head_mask != HEAD_KEEP).any()):
         hm = head_mask.view(1, h, 1, 1).to(q.device)
-        vis = visible.expand(b, h, nq, nk).float()
+        vis = visible.expand(b, h, nq, nk).to(probs.dtype)
         uniform = vis / vis.sum(-1, keepdim=True).clamp(min=1)
         probs = torch.where(hm == HEAD_UNIFORM, uniform, probs)
         probs = torch.where(hm == HEAD_ZERO, torch.zeros_like(probs), probs)

@@ -13,7 +13,7 @@ from torch import nn
 from . import attention, methods
 from .adapters import ModelSpec, attention_modules, detect
 from .decisions import LayerDecision
-from .errors import ParameterError, PatchStateError
+from .errors import ParameterError, PatchStateError, UnsupportedModelError
 from .kernels.dispatch import check_backend
 from .plan import Plan, provenance
 
@@ -153,6 +153,11 @@ def apply(
         for (_, module), decision in zip(modules, layers, strict=True):
             module.__dict__[LAYER_ATTR] = decision
         model.set_attn_implementation(attention.NAME)
+        if model.config._attn_implementation != attention.NAME:
+            raise UnsupportedModelError(
+                f"model: {type(model).__name__} does not dispatch attention through transformers' "
+                "AttentionInterface (set_attn_implementation had no effect), so llmpatch cannot patch it"
+            )
     except Exception:
         for _, module in modules:
             module.__dict__.pop(LAYER_ATTR, None)

@@ -150,3 +150,11 @@ def test_corrupted_download_is_rejected_and_deleted(tmp_path):
         models.fetch("smollm2-135m", root=tmp_path, progress=lambda *a: None)
     assert not bad.exists()
     assert not models.is_fetched("smollm2-135m", tmp_path)
+
+
+def test_model_that_ignores_set_attn_implementation(model, monkeypatch):
+    monkeypatch.setattr(type(model), "_can_set_attn_implementation", classmethod(lambda cls: False))
+    with pytest.raises(
+        llmpatch.UnsupportedModelError, match="does not dispatch attention through transformers"
+    ):
+        llmpatch.apply(model, "dense")
