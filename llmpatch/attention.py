@@ -20,27 +20,31 @@ NAME = "llmpatch"
 @dataclass
 class CompactMask:
     kv_offset: int  # absolute slot of key index 0 (non-zero when a sliding cache dropped old keys)
-    start: torch.Tensor | None  # [B] key index of each sequence's first real token; None = no padding
+    start: torch.Tensor | None  # [B] key index of each sequence's first token (<= 0 if dropped); None = 0
     key_padding: torch.Tensor | None  # [B, Nk] bool, only when padding is not a left-padded prefix
 
 
 MASK_CHECK_PAIRS = 4096
 
 
-def _check_mask_function(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, local_size):
+def _check_mask_function(
+    mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, local_size, device
+):
     """Refuse mask functions that are not plain causal (+ the layer's sliding window), such as packed sequences
     or custom overlays: the compact form cannot carry them. Checked on a sample of (query, key) pairs."""
     if mask_function is None:
         return
     gen = torch.Generator().manual_seed(0)
     n = min(MASK_CHECK_PAIRS, q_length * kv_length)
-    qi = torch.randint(0, q_length, (n,), generator=gen) + int(q_offset)
-    ki = torch.randint(0, kv_length, (n,), generator=gen) + int(kv_offset)
+    qi = (torch.randint(0, q_length, (n,), generator=gen) + int(q_offset)).to(device)
+    ki = (torch.randint(0, kv_length, (n,), generator=gen) + int(kv_offset)).to(device)
     want = ki <= qi
     if local_size is not None:
         want &= (qi - ki) < local_size
     for b in {0, batch_size - 1}:
-        got = mask_function(torch.full((n,), b), torch.zeros(n, dtype=torch.long), qi, ki)
+        got = mask_function(
+            torch.full((n,), b, device=device), torch.zeros(n, dtype=torch.long, device=device), qi, ki
+        )
         if not torch.equal(torch.as_tensor(got, dtype=torch.bool), want):
             raise PatchStateError(
                 "attention_mask: llmpatch supports causal attention with padding masks (and the model's own "
@@ -61,10 +65,15 @@ def compact_mask(
     **kwargs,
 ) -> CompactMask:
     """AttentionMaskInterface entry: causal + padding information in O(B x N)."""
-    _check_mask_function(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, local_size)
+    device = kwargs.get("device", "cpu")
+    _check_mask_function(
+        mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, local_size, device
+    )
     kv_offset = int(kv_offset)
     if attention_mask is None or bool(attention_mask.all()):
-        return CompactMask(kv_offset, None, None)
+        # A sliding cache that dropped old keys shifts positions: key index 0 is token kv_offset.
+        start = None if kv_offset == 0 else torch.full((batch_size,), -kv_offset, dtype=torch.long)
+        return CompactMask(kv_offset, start, None)
     full = attention_mask.to(torch.bool)
     idx = torch.arange(full.shape[-1], device=full.device)
     first = torch.where(full.any(-1), full.float().argmax(-1), full.shape[-1])

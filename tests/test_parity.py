@@ -97,3 +97,15 @@ def test_window_covering_prompt_is_dense(family):
     want = model(x).logits
     with llmpatch.patched(model, "sink_window", sink=0, window=len(PROMPTS[0])):
         torch.testing.assert_close(model(x).logits, want, atol=1e-5, rtol=0)
+
+
+def test_sink_window_decode_with_cache_matches_recompute(family):
+    """Decode steps (including sliding caches that drop keys) see the same pattern as a full recompute."""
+    model = tiny_model(family)
+    ids = torch.tensor([PROMPTS[2]])
+    with llmpatch.patched(model, "sink_window", sink=3, window=6):
+        cached = model.generate(ids, max_new_tokens=14, min_new_tokens=14, do_sample=False, pad_token_id=0)
+        recomputed = model.generate(
+            ids, max_new_tokens=14, min_new_tokens=14, do_sample=False, pad_token_id=0, use_cache=False
+        )
+    assert torch.equal(cached, recomputed)
