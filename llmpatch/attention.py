@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import PatchStateError
-from .kernels import dispatch
+from .kernels import density, dispatch
 
 NAME = "llmpatch"
 
@@ -146,6 +146,13 @@ def llmpatch_attention(
             kw["calib_sinks"] = _act_sinks_for(decision, mask, b, nk)
             if kw["calib_sinks"] is None:
                 del kw["calib"]  # no prefill sink set for this batch: the decode row is left uncalibrated
+    tracker = decision.state.get("tracker")
+    if tracker is not None:
+        dims = dict(start=mask.start, sliding_window=decision.sliding_window, device=query.device)
+        tracker.add(
+            density.computed_count(b, h, nq, nk, **{**kw, **dims}),
+            density.causal_count(b, h, nq, nk, **dims),
+        )
     out, sinks = dispatch.attention(query, key, value, backend=decision.backend, **kw)
     if prefill and sinks is not None:
         decision.state["act_sinks"] = (mask.kv_offset, sinks)

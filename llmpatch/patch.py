@@ -14,6 +14,7 @@ from . import attention, methods
 from .adapters import ModelSpec, attention_modules, detect
 from .decisions import LayerDecision
 from .errors import ParameterError, PatchStateError, UnsupportedModelError
+from .kernels.density import SparsityTracker
 from .kernels.dispatch import check_backend
 from .plan import Plan, provenance
 
@@ -44,6 +45,13 @@ class Patch:
         self.model.set_attn_implementation(self.original_impl)
         self.model.__dict__.pop(PATCH_ATTR, None)
         self.active = False
+
+    def track_sparsity(self) -> SparsityTracker:
+        """Count computed against causal attention scores from now on (all layers, prefill and decode)."""
+        tracker = SparsityTracker()
+        for layer in self.layers:
+            layer.state["tracker"] = tracker
+        return tracker
 
     def plan(self) -> Plan:
         prov = provenance()

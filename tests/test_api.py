@@ -147,3 +147,24 @@ def test_dynamic_block_selector_seam():
                 torch.arange(3, dtype=torch.int32).view(1, 1, 3, 1).expand(q.shape[0], q.shape[1], 3, 1),
             )
         assert not torch.allclose(m(X).logits, want, atol=1e-3)
+
+
+def test_sparsity_tracking():
+    m = tiny_model("gemma3_text")  # sliding layers (window 12) and a full layer
+    x = torch.randint(3, 128, (1, 40))
+    with llmpatch.patched(m, "dense") as patch:
+        tracker = patch.track_sparsity()
+        m(x)
+        assert tracker.density == 1.0 and tracker.causal > 0
+    with llmpatch.patched(m, "sink_window", sink=2, window=4) as patch:
+        tracker = patch.track_sparsity()
+        m(x)
+        # per layer and head: rows see min(p+1, 4) window keys plus up to 2 sinks, against the causal count
+        p = torch.arange(40)
+        full, sliding = (p + 1).sum(), torch.minimum(p + 1, torch.tensor(12)).sum()
+        window = torch.minimum(p + 1, torch.tensor(4))
+        sinks_full = (p - 3).clamp(0, 2)  # sink keys 0 and 1 when outside the window
+        sinks_sliding = (torch.minimum(torch.tensor(2), p - 3) - (p - 11).clamp(min=0)).clamp(min=0)
+        assert tracker.causal == 4 * int(2 * sliding + full)
+        assert tracker.computed == 4 * int(3 * window.sum() + sinks_full.sum() + 2 * sinks_sliding.sum())
+        assert 0 < tracker.density < 0.35

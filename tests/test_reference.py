@@ -128,3 +128,26 @@ def test_sdpa_backend_refuses_what_it_cannot_run():
         dispatch.attention(q, k, v, backend="sdpa", softcap=5.0)
     with pytest.raises(ValueError, match="backend: must be one of"):
         dispatch.attention(q, k, v, backend="flash")
+
+
+@SETTINGS
+@given(problems(kinds=("static", "blocks")))
+def test_density_counts_match_the_dense_masks(problem):
+    from llmpatch.kernels import density
+
+    q, k, v, kw = problem
+    b, h, nq, _ = q.shape
+    nk = k.shape[2]
+    q_pos, k_pos = reference.positions(b, nq, nk, kw.get("start"), "cpu")
+    vis = reference.visible_mask(q_pos, k_pos, sliding_window=kw.get("sliding_window")).expand(b, h, nq, nk)
+    assert density.causal_count(
+        b, h, nq, nk, start=kw.get("start"), sliding_window=kw.get("sliding_window")
+    ) == int(vis.sum())
+    if "kv_index" in kw:  # counted in key-index space, causal rule only
+        causal = reference.visible_mask(*reference.positions(b, nq, nk, None, "cpu"))
+        want = causal & reference.block_mask(kw["kv_count"], kw["kv_index"], kw["block_size"], nq, nk)
+    else:
+        want = vis
+        if "sink" in kw:
+            want = want & reference.static_mask(q_pos, k_pos, kw["sink"], kw["window"])
+    assert density.computed_count(b, h, nq, nk, **kw) == int(want.sum())
