@@ -146,5 +146,5 @@ def insert_at_depth(
     ends = [0]
     for n in lengths:
         ends.append(ends[-1] + n)  # ends[i] = tokens before sentence i (a sentence boundary)
-    best = min(range(len(ends)), key=lambda i: (abs(ends[i] - target), i))
+    best = min(range(len(ends)), key=lambda i: (abs(ends[i] - target), -i))  # ties: after earlier needles
     return sentences[:best] + [needle] + sentences[best:], best

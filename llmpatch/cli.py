@@ -178,6 +178,127 @@ def apply_cmd(
         json_out.write_text(json.dumps(payload, indent=2) + "\n")
 
 
+def _print_rows(rows, title):
+    table = Table(title=title)
+    cols = [("suite", "suite", "{}"), ("method", "method", "{}"), ("length", "length", "{}"), ("n", "n", "{}"),
+            ("accuracy", "accuracy", "{:.3f}"), ("density", "density", "{:.3f}"), ("TTFT s", "ttft_s", "{:.2f}"),
+            ("prefill s", "prefill_s", "{:.2f}"), ("decode tok/s", "decode_tokens_per_s", "{:.1f}"),
+            ("peak MB", "peak_memory_mb", "{:.0f}")]  # fmt: skip
+    for head, _, _ in cols:
+        table.add_column(head, justify="right" if head not in ("suite", "method") else "left")
+    for r in rows:
+        table.add_row(*("-" if r[key] is None else fmt.format(r[key]) for _, key, fmt in cols))
+    console.print(table)
+
+
+def _default_out(name: str) -> Path:
+    from datetime import datetime
+
+    return Path("runs") / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{name}"
+
+
+def _csv(text: str | None, cast, what: str):
+    if text is None:
+        return None
+    try:
+        return [cast(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ParameterError(f"--{what}: expected comma-separated numbers, got {text!r}") from None
+
+
+@app.command("run")
+def run_cmd(
+    suite: str = typer.Argument(..., help="passkey, niah, ruler_niah_single, ruler_niah_multikey, ..."),
+    model: str = typer.Option(..., "--model", "-m", help="alias, HF id or path"),
+    method: list[str] = typer.Option(
+        [], "--method", help="method to compare with the dense baseline (repeat to compose)"
+    ),
+    plan: Path = typer.Option(None, "--plan", help="plan JSON for the method"),
+    sets: list[str] = typer.Option([], "--set", help="method parameter key=value"),
+    lengths: str = typer.Option("1024", "--lengths", help="comma-separated prompt lengths in tokens"),
+    depths: str = typer.Option(None, "--depths", help="comma-separated needle depths in [0, 1] (niah)"),
+    samples: int = typer.Option(5, "--samples", min=1, help="samples per cell"),
+    seed: int = typer.Option(0, "--seed"),
+    haystack: Path = typer.Option(None, "--haystack", help="a text file to use as haystack"),
+    out: Path = typer.Option(None, "--out", help="output folder (default runs/<time>-<suite>)"),
+):
+    """Run one suite on the unpatched model and, with --method, on the patched one."""
+    from rich.progress import Progress
+
+    from .evals.haystack import Haystack
+    from .evals.runner import MethodConfig, run_suite, write_report
+    from .evals.suites import get_suite
+    from .models import load_model
+
+    try:
+        get_suite(suite)
+        hay = Haystack(haystack) if haystack else None
+        length_list = _csv(lengths, int, "lengths")
+        depth_list = _csv(depths, float, "depths")
+        configs = (
+            [MethodConfig("+".join(method), list(method), parse_sets(sets), str(plan) if plan else None)]
+            if method
+            else []
+        )
+        m, tok = load_model(model, progress=err.print)
+        with Progress(console=err) as progress:
+            result = run_suite(m, tok, suite, lengths=length_list, samples=samples, depths=depth_list,
+                               configs=configs, seed=seed, haystack=hay, progress=progress)  # fmt: skip
+        out = out or _default_out(suite)
+        payload = write_report([result], out, model=model)
+    except LlmpatchError as exc:
+        _fail(str(exc))
+    _print_rows(payload["summary"], f"{suite} on {model}")
+    console.print(f"wrote {', '.join(payload['files'])} to {out}")
+
+
+@app.command("eval")
+def eval_cmd(
+    recipe: Path = typer.Argument(..., help="recipe YAML (see recipes/)"),
+    out: Path = typer.Option(None, "--out", help="output folder (default runs/<time>-<recipe>)"),
+):
+    """Run a recipe: every suite on the dense baseline and every method; write tables, plots and JSON."""
+    from rich.progress import Progress
+
+    from .evals.haystack import Haystack
+    from .evals.recipes import check_methods, load_recipe
+    from .evals.runner import run_suite, write_report
+    from .models import load_model
+
+    try:
+        r = load_recipe(recipe)
+        hay = Haystack(r.haystack) if r.haystack else None
+        m, tok = load_model(r.model, dtype=r.dtype, device=r.device, progress=err.print)
+        check_methods(r, m)
+        results = []
+        with Progress(console=err) as progress:
+            for s in r.suites:
+                results.append(run_suite(m, tok, s.name, lengths=s.lengths, samples=s.samples, depths=s.depths,
+                                         configs=r.configs, seed=r.seed, haystack=hay, progress=progress))  # fmt: skip
+        out = out or _default_out(recipe.stem)
+        payload = write_report(
+            results, out, model=r.model, extra_meta={"recipe": r.raw, "recipe_path": r.path}
+        )
+    except LlmpatchError as exc:
+        _fail(str(exc))
+    _print_rows(payload["summary"], f"{recipe.name}: {r.model}")
+    console.print(f"wrote {', '.join(payload['files'])} to {out}")
+
+
+@app.command(
+    "lm-eval",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def lm_eval_cmd(ctx: typer.Context):
+    """Run lm-eval's CLI with `--model llmpatch` registered and the local tasks included (offline)."""
+    try:
+        from .evals.lm_eval_bridge import main as lm_eval_main
+    except ImportError as exc:
+        _fail(f"lm-eval: not installed ({exc}); pip install 'llmpatch[eval]'")
+    raise typer.Exit(lm_eval_main(ctx.args))
+
+
 @app.callback(invoke_without_command=True)
 def _root(version: bool = typer.Option(False, "--version", help="print the version and exit")):
     if version:

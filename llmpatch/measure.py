@@ -54,12 +54,36 @@ class _Clock:
         pass
 
 
+class _PrefillTimer:
+    """Times the first forward call of a model (the prefill) through forward hooks."""
+
+    def __init__(self, model):
+        self.start = self.seconds = None
+        self._handles = [
+            model.register_forward_pre_hook(self._pre),
+            model.register_forward_hook(self._post),
+        ]
+
+    def _pre(self, *_):
+        if self.start is None:
+            self.start = time.perf_counter()
+
+    def _post(self, *_):
+        if self.seconds is None:
+            self.seconds = time.perf_counter() - self.start
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+
+
 @dataclass
 class GenerationResult:
     text: str
     new_tokens: int
     prompt_tokens: int
     ttft_s: float
+    prefill_s: float
     decode_tokens_per_s: float | None
     peak_memory_mb: float | None
 
@@ -72,15 +96,19 @@ def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> G
     """Greedy generation of one prompt (already templated) with timings."""
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
     clock = _Clock()
-    with PeakMemory(model.device) as mem:
-        t0 = time.perf_counter()
-        out = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            streamer=clock,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    timer = _PrefillTimer(model)
+    try:
+        with PeakMemory(model.device) as mem:
+            t0 = time.perf_counter()
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                streamer=clock,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+    finally:
+        timer.close()
     new = out[0, enc.input_ids.shape[1] :]
     stamps = clock.times[1:]  # the first put() is the prompt
     ttft = stamps[0] - t0 if stamps else float("nan")
@@ -90,6 +118,18 @@ def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> G
         new_tokens=int(new.numel()),
         prompt_tokens=int(enc.input_ids.shape[1]),
         ttft_s=ttft,
+        prefill_s=timer.seconds,
         decode_tokens_per_s=rate,
         peak_memory_mb=mem.mb,
     )
+
+
+@torch.inference_mode()
+def answer_logprob(model, tokenizer, prompt: str, answer: str) -> float:
+    """Sum of log-probabilities of `answer`'s tokens after `prompt` (teacher forced)."""
+    p = tokenizer(prompt, add_special_tokens=False).input_ids
+    a = tokenizer(answer, add_special_tokens=False).input_ids
+    ids = torch.tensor([p + a], device=model.device)
+    logits = model(ids).logits[0, len(p) - 1 : -1].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    return float(logp.gather(-1, torch.tensor(a, device=model.device).unsqueeze(-1)).sum())

@@ -3,7 +3,7 @@ downloads 253 MB and dequantises for about a minute."""
 
 import pytest
 import torch
-from llmpatch.evals.passkey import is_correct, make_sample
+from llmpatch.evals.suites import SUITES
 
 import llmpatch
 
@@ -19,7 +19,7 @@ def test_gemma3_dense_parity_past_the_sliding_window(gemma3):
     model, tok = gemma3
     spec = llmpatch.detect(model)
     assert spec.family == "gemma3_text" and spec.sliding_window[:6] == [512] * 5 + [None]
-    sample = make_sample(tok, 900, seed=0)  # longer than the 512-token window
+    sample = SUITES["passkey"].sample(tok, 900, 0)  # longer than the 512-token window
     enc = tok(sample.prompt, return_tensors="pt")
     with torch.no_grad():
         want = model(**enc).logits
@@ -31,5 +31,5 @@ def test_gemma3_dense_parity_past_the_sliding_window(gemma3):
     with llmpatch.patched(model, "dense"):
         patched = model.generate(**enc, max_new_tokens=10, do_sample=False)
     assert torch.equal(out, patched)
-    print("gemma3 answer:", tok.decode(out[0, enc.input_ids.shape[1] :]), "passkey", sample.passkey,
-          is_correct(sample, tok.decode(out[0, enc.input_ids.shape[1] :])))  # fmt: skip
+    answer = tok.decode(out[0, enc.input_ids.shape[1] :])
+    assert SUITES["passkey"].score(sample, answer) == 1.0, answer

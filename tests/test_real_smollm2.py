@@ -2,9 +2,11 @@
 
 import pytest
 import torch
-from llmpatch.evals.passkey import is_correct, make_sample
+from llmpatch.evals.suites import SUITES
 
 import llmpatch
+
+PASSKEY = SUITES["passkey"]
 
 pytestmark = pytest.mark.real
 
@@ -12,7 +14,7 @@ pytestmark = pytest.mark.real
 @pytest.fixture(scope="module")
 def passkey(smollm2):
     _, tok = smollm2
-    sample = make_sample(tok, 1024, seed=0)  # pass key 43791 at depth 0.65, 1004 tokens
+    sample = PASSKEY.sample(tok, 1024, 0)
     assert 950 <= sample.n_tokens <= 1024
     return sample, tok(sample.prompt, return_tensors="pt", add_special_tokens=False)
 
@@ -38,7 +40,7 @@ def test_passkey_unpatched_and_dense(smollm2, passkey):
     model, tok = smollm2
     sample, enc = passkey
     unpatched = answer(model, tok, enc)
-    assert is_correct(sample, unpatched), unpatched
+    assert PASSKEY.score(sample, unpatched) == 1.0, unpatched
     with llmpatch.patched(model, "dense"):
         dense = answer(model, tok, enc)
     assert dense == unpatched
@@ -59,7 +61,7 @@ def test_window_of_64_changes_the_answer(smollm2, passkey):
     sample, enc = passkey
     with llmpatch.patched(model, "sink_window", sink=4, window=64):
         windowed = answer(model, tok, enc)
-    assert not is_correct(sample, windowed), windowed
+    assert PASSKEY.score(sample, windowed) == 0.0, windowed
 
 
 def test_remove_restores_real_model_bit_for_bit(smollm2, passkey):
@@ -74,7 +76,7 @@ def test_remove_restores_real_model_bit_for_bit(smollm2, passkey):
 
 def test_left_padded_batch_matches_single_on_real_weights(smollm2):
     model, tok = smollm2
-    prompts = [make_sample(tok, n, seed=s).prompt for n, s in ((300, 1), (180, 2), (240, 3))]
+    prompts = [PASSKEY.sample(tok, n, i).prompt for n, i in ((300, 1), (180, 2), (240, 3))]
     kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     with llmpatch.patched(model, "sink_window", sink=8, window=96):
         batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)

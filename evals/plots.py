@@ -1,0 +1,68 @@
+"""Plots (matplotlib, Agg): accuracy against length per method, and NIAH length x depth heatmaps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def accuracy_vs_length(result: dict, path: Path, model: str) -> Path:
+    from .runner import summary_rows
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    rows = summary_rows(result)
+    for label in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == label]
+        ax.plot([r["length"] for r in mine], [r["accuracy"] for r in mine], marker="o", label=label)
+    ax.set(
+        xlabel="prompt length (tokens)",
+        ylabel="accuracy",
+        ylim=(-0.05, 1.05),
+        title=f"{result['suite']}: {model}",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def niah_heatmap(result: dict, config: dict, path: Path, model: str) -> Path:
+    plt = _pyplot()
+    lengths, depths = result["lengths"], result["depths"]
+    grid = [[next(c["accuracy"] for c in config["cells"] if c["length"] == n and c["depth"] == d) for n in lengths]
+            for d in depths]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.0 + 0.5 * len(depths)))
+    im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    for y, row in enumerate(grid):
+        for x, v in enumerate(row):
+            ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=8)
+    ax.set(xlabel="context length (tokens)", ylabel="needle depth", title=f"NIAH {config['label']}: {model}")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_all(results: list[dict], out: Path, model: str) -> list[str]:
+    files = []
+    for result in results:
+        files.append(accuracy_vs_length(result, out / f"{result['suite']}_accuracy.png", model).name)
+        if result["depths"] != [None]:
+            for config in result["configs"]:
+                name = f"{result['suite']}_heatmap_{config['label']}.png".replace("/", "_")
+                files.append(niah_heatmap(result, config, out / name, model).name)
+    return files

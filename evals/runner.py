@@ -1,0 +1,216 @@
+"""Run suites over methods (always beside the unpatched dense baseline) and write honest reports.
+
+Each sample records accuracy, time to first token, prefill time, decode tokens/s, peak memory and the
+achieved density (fraction of causal attention scores computed; 1.0 for the unpatched baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llmpatch
+from llmpatch.errors import ParameterError
+from llmpatch.measure import answer_logprob, generate_timed
+from llmpatch.meta import run_metadata
+
+from .haystack import Haystack
+from .suites import Suite, get_suite
+
+BASELINE = "dense"
+
+
+@dataclass
+class MethodConfig:
+    """One line of a comparison: `methods` None is the unpatched model (the dense baseline)."""
+
+    label: str
+    methods: list[str] | None = None
+    params: dict = field(default_factory=dict)
+    plan: str | None = None
+
+    def apply(self, model):
+        if self.methods is None:
+            return None
+        names = self.methods if len(self.methods) > 1 else self.methods[0]
+        return llmpatch.apply(model, names, self.plan, **self.params)
+
+
+def check_lengths(model, lengths) -> list[int]:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    out = []
+    for n in lengths:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 64:
+            raise ParameterError(f"lengths: each length must be an int >= 64 tokens, got {n!r}")
+        if limit is not None and n > limit:
+            raise ParameterError(
+                f"lengths: {n} tokens exceeds the model's context of {limit} tokens (max_position_embeddings)"
+            )
+        out.append(n)
+    return out
+
+
+def check_depths(depths) -> list[float]:
+    for d in depths:
+        if not isinstance(d, (int, float)) or not 0 <= d <= 1:
+            raise ParameterError(f"depths: each depth must be a number in [0, 1], got {d!r}")
+    return [float(d) for d in depths]
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def run_suite(
+    model,
+    tokenizer,
+    suite: str | Suite,
+    *,
+    lengths: list[int],
+    samples: int = 1,
+    depths: list[float] | None = None,
+    configs: list[MethodConfig] | None = None,
+    seed: int = 0,
+    haystack: Haystack | None = None,
+    progress=None,
+) -> dict:
+    """Run one suite; returns {"suite", "configs": [{"label", "cells": [...], "samples": [...]}], ...}."""
+    suite = get_suite(suite) if isinstance(suite, str) else suite
+    lengths = check_lengths(model, lengths)
+    if not isinstance(samples, int) or samples < 1:
+        raise ParameterError(f"samples: must be an int >= 1, got {samples!r}")
+    depth_grid = check_depths(depths or [0.1, 0.3, 0.5, 0.7, 0.9]) if suite.grid_depths else [None]
+    configs = configs or [MethodConfig(BASELINE)]
+    if configs[0].methods is not None:
+        configs = [MethodConfig(BASELINE), *configs]
+    prompts = {
+        (n, d, i): suite.sample(tokenizer, n, i, seed=seed, depth=d, haystack=haystack)
+        for n in lengths
+        for d in depth_grid
+        for i in range(samples)
+    }
+    task = progress.add_task(suite.name, total=len(prompts) * len(configs)) if progress else None
+    results = []
+    for config in configs:
+        patch = config.apply(model)
+        tracker = patch.track_sparsity() if patch is not None else None
+        records, cells = [], []
+        try:
+            for n in lengths:
+                for d in depth_grid:
+                    if tracker is not None:
+                        tracker.reset()
+                    cell = []
+                    for i in range(samples):
+                        s = prompts[(n, d, i)]
+                        gen = generate_timed(model, tokenizer, s.prompt, suite.max_new_tokens)
+                        rec = {
+                            **s.to_dict(),
+                            "output": gen.text,
+                            "score": suite.score(s, gen.text),
+                            **{k: v for k, v in gen.to_dict().items() if k != "text"},
+                        }
+                        if s.answer_text is not None:
+                            rec["answer_logprob"] = answer_logprob(model, tokenizer, s.prompt, s.answer_text)
+                        cell.append(rec)
+                        if progress:
+                            progress.update(task, advance=1, description=f"{suite.name} {config.label} {n}")
+                    cells.append(
+                        {
+                            "length": n,
+                            "depth": d,
+                            "n": len(cell),
+                            "accuracy": _mean(r["score"] for r in cell),
+                            "prompt_tokens": _mean(r["prompt_tokens"] for r in cell),
+                            "ttft_s": _mean(r["ttft_s"] for r in cell),
+                            "prefill_s": _mean(r["prefill_s"] for r in cell),
+                            "decode_tokens_per_s": _mean(r["decode_tokens_per_s"] for r in cell),
+                            "peak_memory_mb": max((r["peak_memory_mb"] or 0) for r in cell) or None,
+                            "answer_logprob": _mean(r.get("answer_logprob") for r in cell),
+                            "density": tracker.density if tracker is not None else 1.0,
+                        }
+                    )
+                    records.extend(cell)
+        finally:
+            if patch is not None:
+                patch.remove()
+        results.append({"label": config.label, "methods": config.methods, "params": config.params,
+                        "plan": config.plan, "cells": cells, "samples": records})  # fmt: skip
+    return {
+        "suite": suite.name,
+        "lengths": lengths,
+        "depths": depth_grid,
+        "samples_per_cell": samples,
+        "seed": seed,
+        "haystack": haystack.path if haystack and haystack.path else "generated",
+        "configs": results,
+    }
+
+
+def summary_rows(result: dict) -> list[dict]:
+    """One row per (config, length), averaged over depths: for tables and plots."""
+    rows = []
+    for cfg in result["configs"]:
+        for n in result["lengths"]:
+            cells = [c for c in cfg["cells"] if c["length"] == n]
+            rows.append(
+                {
+                    "suite": result["suite"],
+                    "method": cfg["label"],
+                    "length": n,
+                    "n": sum(c["n"] for c in cells),
+                    **{
+                        k: _mean(c[k] for c in cells)
+                        for k in (
+                            "accuracy",
+                            "ttft_s",
+                            "prefill_s",
+                            "decode_tokens_per_s",
+                            "density",
+                            "answer_logprob",
+                        )  # fmt: skip
+                    },
+                    "peak_memory_mb": max((c["peak_memory_mb"] or 0) for c in cells) or None,
+                }
+            )
+    return rows
+
+
+def write_report(results: list[dict], out: Path, *, model: str, extra_meta: dict | None = None) -> dict:
+    """results.json (with metadata), summary.md, and plots (accuracy vs length, NIAH heatmaps)."""
+    from . import plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r for res in results for r in summary_rows(res)]
+    payload = {
+        "model": model,
+        "summary": rows,
+        "results": results,
+        "metadata": run_metadata(**(extra_meta or {})),
+    }
+    (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (out / "summary.md").write_text(markdown_table(rows) + "\n")
+    files = plots.write_all(results, out, model=model)
+    payload["files"] = ["results.json", "summary.md", *files]
+    return payload
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = (
+        "| suite | method | length | n | accuracy | density | TTFT s | prefill s | decode tok/s | peak MB |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        lines.append(
+            f"| {r['suite']} | {r['method']} | {r['length']} | {r['n']} | {_fmt(r['accuracy'], '.3f')} | "
+            f"{_fmt(r['density'], '.3f')} | {_fmt(r['ttft_s'], '.2f')} | {_fmt(r['prefill_s'], '.2f')} | "
+            f"{_fmt(r['decode_tokens_per_s'], '.1f')} | {_fmt(r['peak_memory_mb'], '.0f')} |"
+        )
+    return "\n".join(lines)
