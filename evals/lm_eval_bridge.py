@@ -42,8 +42,7 @@ class LlmpatchLM(HFLM):
 
             hf_kwargs["device"] = "cuda" if torch.cuda.is_available() else "cpu"
         super().__init__(pretrained=resolve_pretrained(pretrained), **hf_kwargs)
-        names = method.split("+")
-        self.patch = llmpatch.apply(self.model, names if len(names) > 1 else names[0], plan, backend=backend,
+        self.patch = llmpatch.apply(self.model, method.split("+"), plan, backend=backend,
                                     **overrides)  # fmt: skip
 
 

@@ -34,8 +34,7 @@ class MethodConfig:
     def apply(self, model):
         if self.methods is None:
             return None
-        names = self.methods if len(self.methods) > 1 else self.methods[0]
-        return llmpatch.apply(model, names, self.plan, **self.params)
+        return llmpatch.apply(model, self.methods, self.plan, **self.params)
 
 
 def check_lengths(model, lengths) -> list[int]:

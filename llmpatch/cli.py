@@ -150,7 +150,7 @@ def apply_cmd(
         runs = {}
         if compare:
             runs["unpatched"] = generate_timed(m, tok, text, max_new_tokens)
-        patch = apply(m, method if len(method) > 1 else method[0], plan, backend=backend, **overrides)
+        patch = apply(m, list(method), plan, backend=backend, **overrides)
         try:
             label = "+".join(method)
             runs[label] = generate_timed(m, tok, text, max_new_tokens)
