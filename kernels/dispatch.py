@@ -1,7 +1,13 @@
 """Backend selection. Nothing here imports triton or CUDA at import time.
 
-Backends: "reference" (the exact oracle), "sdpa" (exact masked SDPA for static patterns). `None` picks the
-fastest exact backend that supports the decision; LLMPATCH_BACKEND forces one.
+Backends:
+- "reference": the exact oracle (pure torch, row-chunked here);
+- "sdpa": the same pattern as masked SDPA (exact; static patterns only);
+- "cpu": the CPU fast path (`cpu.py`): density-proportional row chunks, flex_attention for block lists;
+- "triton": the Triton kernels (`triton_prefill.py`, `triton_decode.py`); CUDA tensors, or CPU tensors under
+  TRITON_INTERPRET=1.
+`None` picks by device: "triton" on CUDA, "cpu" on CPU, and "reference" for ACT calibration on CPU (it needs
+column sums that only the reference and Triton compute). LLMPATCH_BACKEND forces one.
 """
 
 from __future__ import annotations
@@ -10,9 +16,9 @@ import os
 
 import torch
 
-from . import reference, sdpa
+from . import cpu, reference, sdpa
 
-BACKENDS = ("reference", "sdpa")
+BACKENDS = ("reference", "sdpa", "cpu", "triton")
 ROW_CHUNK_ELEMENTS = 1 << 24  # score elements per reference chunk (rows x keys x heads)
 
 
@@ -22,24 +28,55 @@ def check_backend(name: str | None) -> str | None:
     return name
 
 
-def pick(backend: str | None, **kw) -> str:
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pick(backend: str | None, device: torch.device | str = "cpu", **kw) -> str:
     backend = check_backend(backend or os.environ.get("LLMPATCH_BACKEND") or None)
+    on_cuda = torch.device(device).type == "cuda"
     if backend is None:
-        return "sdpa" if sdpa.supports(**kw) else "reference"
+        if on_cuda:
+            return "triton"
+        return "cpu" if cpu.supports(**kw) else "reference"
     if backend == "sdpa" and not sdpa.supports(**kw):
         raise ValueError(
             "backend: 'sdpa' cannot run softcap, block lists, head masks or ACT calibration; "
-            "use backend='reference' or None"
+            "use 'cpu', 'triton', 'reference' or None"
         )
+    if backend == "cpu" and not cpu.supports(**kw):
+        raise ValueError("backend: 'cpu' cannot run ACT calibration; use 'reference', 'triton' or None")
+    if backend == "triton" and not on_cuda and not _interpreting():
+        raise ValueError("backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for tests)")
     return backend
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None, **kw):
     """Run one attention call; returns (out [B, H, Nq, D], calib_sinks or None)."""
-    name = pick(backend, **kw)
+    name = pick(backend, q.device, **kw)
+    if name == "cpu":
+        return cpu.attention(q, k, v, **kw), None
     if name == "sdpa":
         return sdpa.attention(q, k, v, **kw), None
+    if name == "triton":
+        from . import triton_prefill
+
+        res = triton_prefill.attention(q, k, v, **kw)
+        return res.out, res.calib_sinks
     return _reference_chunked(q, k, v, **kw)
+
+
+def attention_lse(q, k, v, *, backend: str | None = None, **kw) -> reference.AttentionResult:
+    """Like `attention`, also returning the LSE [B, H, Nq] (fp32, natural log, -inf on empty rows)."""
+    name = pick(backend, q.device, **kw)
+    if name in ("cpu", "sdpa"):
+        out, lse = cpu.attention(q, k, v, return_lse=True, **kw)
+        return reference.AttentionResult(out, lse, None)
+    if name == "triton":
+        from . import triton_prefill
+
+        return triton_prefill.attention(q, k, v, **kw)
+    return reference.attention(q, k, v, **kw)
 
 
 def _reference_chunked(q, k, v, **kw):

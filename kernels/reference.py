@@ -12,7 +12,7 @@ Layout conventions (shared by every backend):
 - Static per-head patterns are analytic: a key is kept if its position is < sink[h] or the query is less than
   window[h] positions after it (window < 0 means unlimited). `sliding_window` is the layer's own window.
 - Dynamic patterns are block lists over key indices: kv_index[B, H, QB, MAX_K] (sorted block ids),
-  kv_count[B, H, QB] valid entries; query block qb covers query rows [qb * block_size, (qb + 1) * block_size).
+  kv_count[B, H, QB] valid entries (or [B, Hkv, ...]: one list per KV head, shared by its query heads); query block qb covers query rows [qb * block_size, (qb + 1) * block_size).
 - A fully masked row outputs 0 and has lse -inf.
 """
 
@@ -62,8 +62,9 @@ def static_mask(q_pos, k_pos, sink: torch.Tensor, window: torch.Tensor) -> torch
     return (kp < sink) | (window < 0) | ((qp - kp) < window)
 
 
-def block_mask(kv_count, kv_index, block_size: int, nq: int, nk: int) -> torch.Tensor:
-    """[B, H, Nq, Nk] bool from the compact block list (dense; for the oracle and for tests only)."""
+def block_mask(kv_count, kv_index, block_size: int, nq: int, nk: int, r0: int = 0) -> torch.Tensor:
+    """[B, H, Nq, Nk] bool from the compact block list, for query rows [r0, r0 + Nq) (dense: for the oracle,
+    tests and row-chunked fallbacks only)."""
     b, h, qb, max_k = kv_index.shape
     n_kb = (nk + block_size - 1) // block_size
     valid = torch.arange(max_k, device=kv_index.device).view(1, 1, 1, max_k) < kv_count.unsqueeze(-1)
@@ -72,9 +73,17 @@ def block_mask(kv_count, kv_index, block_size: int, nq: int, nk: int) -> torch.T
     idx = torch.where(valid, kv_index.long(), n_kb)  # invalid entries go to a spare column
     blocks.scatter_(-1, idx, True)
     blocks = blocks[..., :n_kb]
-    rows = (torch.arange(nq, device=kv_index.device) // block_size).clamp(max=qb - 1)
+    rows = ((torch.arange(nq, device=kv_index.device) + r0) // block_size).clamp(max=qb - 1)
     cols = torch.arange(nk, device=kv_index.device) // block_size
     return blocks[:, :, rows][..., cols]
+
+
+def per_query_head(kv_count, kv_index, h: int):
+    """Block lists given per KV head ([B, Hkv, ...], shared by a GQA group) repeated to per query head."""
+    if kv_index.shape[1] != h:
+        g = h // kv_index.shape[1]
+        kv_count, kv_index = kv_count.repeat_interleave(g, 1), kv_index.repeat_interleave(g, 1)
+    return kv_count, kv_index
 
 
 def act_calibrate(probs, allowed, calib, beta: float, threshold: float, sinks=None):
@@ -146,6 +155,7 @@ def attention(
     if sink is not None and window is not None:
         allowed = allowed & static_mask(q_pos, k_pos, sink, window)
     if kv_index is not None:
+        kv_count, kv_index = per_query_head(kv_count, kv_index, h)
         allowed = allowed & block_mask(kv_count, kv_index, block_size, nq, nk)
 
     scores = scores.masked_fill(~allowed, float("-inf"))

@@ -3,6 +3,9 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault(
+    "TRITON_INTERPRET", "1"
+)  # Triton kernels run on CPU tensors in tests (before triton loads)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,0 +1,234 @@
+"""The kernel backends (CPU fast path, Triton under the interpreter) against the reference, on random shapes,
+plus the public entry points and the layout converters."""
+
+import os
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+from llmpatch.kernels import (
+    block_sparse_attention,
+    cpu,
+    layout,
+    reference,
+    sink_window_attention,
+)
+
+EXAMPLES = int(os.environ.get("LLMPATCH_HYPOTHESIS_EXAMPLES", "40"))
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True)
+TRITON_SETTINGS = settings(max_examples=max(8, EXAMPLES // 2), deadline=None, derandomize=True)
+interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+
+
+@st.composite
+def problems(
+    draw, max_n=160, dims=(16, 24, 64), block_sizes=(16, 32), kinds=("static", "blocks", "mask", "calib")
+):
+    b = draw(st.integers(1, 2))
+    hkv = draw(st.integers(1, 2))
+    g = draw(st.sampled_from([1, 2, 3]))
+    h = hkv * g
+    nk = draw(st.integers(1, max_n))
+    nq = min(nk, draw(st.sampled_from([1, 3, nk, nk])))
+    d = draw(st.sampled_from(dims))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    q, k, v = (torch.randn(b, n, m, d, generator=gen) for n, m in ((h, nq), (hkv, nk), (hkv, nk)))
+    kw = {"scale": draw(st.sampled_from([None, 0.2])), "softcap": draw(st.sampled_from([None, 4.0]))}
+    if draw(st.booleans()):
+        kw["start"] = torch.tensor([draw(st.integers(-3, nk - 1)) for _ in range(b)])
+    elif draw(st.booleans()):
+        kw["key_padding"] = torch.rand(b, nk, generator=gen) > 0.3
+    if draw(st.booleans()):
+        kw["sliding_window"] = draw(st.integers(1, max_n))
+    if "static" in kinds and draw(st.booleans()):
+        kw["sink"] = torch.tensor([draw(st.integers(0, 20)) for _ in range(h)])
+        kw["window"] = torch.tensor([draw(st.integers(-1, max_n // 2)) for _ in range(h)])
+    if "blocks" in kinds and draw(st.booleans()):
+        bs = draw(st.sampled_from(block_sizes))
+        lists = draw(st.sampled_from([h, hkv]))  # per query head, or per KV head (GQA sharing)
+        n_qb, n_kb = (nq + bs - 1) // bs, (nk + bs - 1) // bs
+        count = torch.randint(0, n_kb + 1, (b, lists, n_qb), generator=gen)
+        chosen = torch.stack([torch.randperm(n_kb, generator=gen) for _ in range(b * lists * n_qb)])
+        chosen = chosen.view(b, lists, n_qb, n_kb)
+        index = torch.where(torch.arange(n_kb) < count.unsqueeze(-1), chosen, 0).int()
+        index = torch.where(torch.arange(n_kb) < count.unsqueeze(-1), index.sort(-1).values, 0)
+        index = torch.where(torch.arange(n_kb) < count.unsqueeze(-1), chosen, n_kb).sort(-1).values.int()
+        kw.update(kv_count=count.int(), kv_index=index, block_size=bs)
+    if "mask" in kinds and draw(st.booleans()):
+        kw["head_mask"] = torch.tensor([draw(st.integers(0, 2)) for _ in range(h)], dtype=torch.int8)
+    if "calib" in kinds and draw(st.booleans()):
+        kw["calib"] = torch.tensor([draw(st.booleans()) for _ in range(h)])
+        kw["calib_beta"] = draw(st.sampled_from([0.0, 0.4, 1.0]))
+        kw["calib_threshold"] = draw(st.sampled_from([0.05, 0.2]))
+        if nq < nk:
+            kw["calib_sinks"] = torch.rand(b, h, nk, generator=gen) < 0.2
+    return q, k, v, kw
+
+
+def _check(got, want, atol):
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=atol)
+
+
+@SETTINGS
+@given(problems(kinds=("static", "blocks", "mask")))
+def test_cpu_backend_matches_reference(problem):
+    q, k, v, kw = problem
+    want = reference.attention(q, k, v, **kw)
+    out, lse = cpu.attention(q, k, v, return_lse=True, **kw)
+    _check(out, want.out, 1e-5)
+    _check(cpu.attention(q, k, v, **kw), want.out, 1e-5)  # the SDPA chunks (no LSE asked)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want.lse))
+    torch.testing.assert_close(
+        torch.nan_to_num(lse, 0, 0, 0), torch.nan_to_num(want.lse, 0, 0, 0), atol=1e-5, rtol=0
+    )
+
+
+FLEX_CASES = {
+    "blocks": dict(blocks=True),
+    "blocks per kv head": dict(blocks=True, per_kv=True),
+    "sink+window with padding": dict(sink=True, start=True),
+    "sliding + softcap": dict(sliding=True, softcap=True),
+    "blocks + sink+window + key padding + head mask": dict(blocks=True, sink=True, pad=True, mask=True),
+}
+
+
+@pytest.mark.parametrize("case", FLEX_CASES)
+def test_cpu_flex_path_matches_reference(case, monkeypatch):
+    """Above the crossover the CPU path runs flex_attention; below it, masked row chunks. Both are exact."""
+    c = FLEX_CASES[case]
+    monkeypatch.setattr(cpu, "CROSSOVER_KEYS", 0)
+    gen = torch.Generator().manual_seed(1)
+    b, h, hkv, n, d, bs = 2, 4, 2, 200, 32, 64
+    q, k, v = (
+        torch.randn(b, h, n, d, generator=gen),
+        torch.randn(b, hkv, n, d, generator=gen),
+        torch.randn(b, hkv, n, d, generator=gen),
+    )
+    kw = {}
+    if c.get("blocks"):
+        kw.update(
+            zip(
+                ("kv_count", "kv_index"),
+                layout.sink_window_blocks(
+                    b, n, n, torch.tensor([0, 64, 0, 1]), torch.tensor([64, 30, -1, 100]), bs
+                ),
+                strict=True,
+            )
+        )
+        if c.get("per_kv"):
+            kw["kv_count"], kw["kv_index"] = kw["kv_count"][:, ::2], kw["kv_index"][:, ::2]
+        kw["block_size"] = bs
+    if c.get("sink"):
+        kw.update(sink=torch.tensor([4, 0, 2, 1]), window=torch.tensor([16, 40, -1, 7]))
+    if c.get("start"):
+        kw["start"] = torch.tensor([0, 37])
+    if c.get("pad"):
+        kw["key_padding"] = torch.rand(b, n, generator=gen) > 0.2
+    if c.get("sliding"):
+        kw["sliding_window"] = 50
+    if c.get("softcap"):
+        kw["softcap"] = 5.0
+    if c.get("mask"):
+        kw["head_mask"] = torch.tensor([0, 1, 2, 0], dtype=torch.int8)
+    _check(cpu.attention(q, k, v, **kw), reference.attention(q, k, v, **kw).out, 1e-5)  # fmt: skip
+
+
+@interpreter
+@TRITON_SETTINGS
+@given(problems(max_n=130, dims=(16, 24)), st.sampled_from([torch.float32, torch.float16]))
+def test_triton_prefill_matches_reference(problem, dtype):
+    from llmpatch.kernels import triton_prefill
+
+    q, k, v, kw = problem
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    want = reference.attention(q, k, v, **kw)
+    got = triton_prefill.attention(q, k, v, **kw)
+    if want.calib_sinks is not None:
+        assert torch.equal(got.calib_sinks, want.calib_sinks)
+    _check(got.out, want.out, 1e-4 if dtype == torch.float32 else 4e-3)
+    assert torch.equal(torch.isinf(got.lse), torch.isinf(want.lse))
+    torch.testing.assert_close(
+        torch.nan_to_num(got.lse, 0, 0, 0), torch.nan_to_num(want.lse, 0, 0, 0), atol=1e-3, rtol=0
+    )
+
+
+@interpreter
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_entry_points_agree_and_empty_rows_are_zero(backend):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(2, 4, 96, 16, generator=gen),
+        torch.randn(2, 2, 96, 16, generator=gen),
+        torch.randn(2, 2, 96, 16, generator=gen),
+    )
+    lengths = torch.tensor([96, 60])  # sequence 1 is left-padded by 36
+    sw = sink_window_attention(
+        q,
+        k,
+        v,
+        torch.tensor([4, 0, 2, 8]),
+        torch.tensor([16, 32, -1, 8]),
+        lengths=lengths,
+        head_mask=["keep", "uniform", "zero", "keep"],
+        backend=backend,
+    )
+    ref = sink_window_attention(
+        q,
+        k,
+        v,
+        torch.tensor([4, 0, 2, 8]),
+        torch.tensor([16, 32, -1, 8]),
+        lengths=lengths,
+        head_mask=["keep", "uniform", "zero", "keep"],
+        backend="reference",
+        return_lse=True,
+    )
+    _check(sw, ref.out, 1e-5)
+    assert sw[1, :, :36].abs().max() == 0 and sw[:, 2].abs().max() == 0
+    cnt, idx = layout.causal_blocks(2, 2, 96, 96, 32)
+    bsa = block_sparse_attention(q, k, v, cnt, idx, 32, lengths=lengths, backend=backend)
+    dense = block_sparse_attention(q, k, v, cnt, idx, 32, lengths=lengths, backend="reference")
+    _check(bsa, dense, 1e-5)
+
+
+def test_entry_points_reject_bad_input():
+    q, k, v = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="head_mask: entries must be one of"):
+        sink_window_attention(q, k, v, 0, 4, head_mask=["keep", "mute", "keep", "keep"])
+    with pytest.raises(ValueError, match="kv_index: expected"):
+        block_sparse_attention(
+            q, k, v, torch.ones(1, 3, 1, dtype=torch.int32), torch.zeros(1, 3, 1, 1, dtype=torch.int32), 16
+        )
+    with pytest.raises(ValueError, match="backend: must be one of"):
+        sink_window_attention(q, k, v, 0, 4, backend="flash")
+    with pytest.raises(ValueError, match="backend: 'cpu' cannot run ACT"):
+        sink_window_attention(q, k, v, 0, 4, calib=[True] * 4, backend="cpu")
+    with pytest.raises(ValueError, match="sink: must be >= 0"):
+        sink_window_attention(q, k, v, -1, 4)
+
+
+@SETTINGS
+@given(st.integers(1, 300), st.integers(0, 300), st.sampled_from([16, 64]), st.integers(-1, 40), st.integers(0, 70),
+       st.integers(-5, 40), st.sampled_from([None, 33]))  # fmt: skip
+def test_sink_window_blocks_cover_the_pattern(nk, extra, bs, window, sink, start, sliding):
+    """The block list built for a static pattern holds every block the token mask touches."""
+    nq = max(1, nk - extra)
+    st_ = torch.tensor([start])
+    cnt, idx = layout.sink_window_blocks(
+        1, nq, nk, torch.tensor([sink]), torch.tensor([window]), bs, start=st_, sliding_window=sliding
+    )
+    want = layout.dense_mask(
+        1,
+        1,
+        nq,
+        nk,
+        start=st_,
+        sink=torch.tensor([sink]),
+        window=torch.tensor([window]),
+        sliding_window=sliding,
+    )
+    covered = want & reference.block_mask(cnt, idx, bs, nq, nk)
+    assert torch.equal(covered, want)
+    assert int(cnt.max()) <= (sink + (window if window >= 0 else nk) + 2 * bs) // bs + 2
