@@ -6,6 +6,8 @@
   [B, H, rows, keys] mask carries the exact token-level pattern.
 - Block lists run on `torch.compile(flex_attention)` with a BlockMask built from the compact layout, from
   CROSSOVER_KEYS keys up; below that they run as the same pattern through the row-chunked masked path.
+  (Static patterns could run on flex too; measured on 2 cores the row chunks are within 5-10% of it and need
+  no compilation, no inductor in memory and no (N/B)^2 block table, so they stay on the row chunks.)
 - A plain causal prefill with no padding and no pattern is one `is_causal=True` SDPA call.
 - Head masks: "zero" rows are 0; "uniform" rows average V over the visible keys with prefix sums (O(N x D)).
 - Softcap, and any call that needs the LSE, uses an explicit fp32 softmax per chunk instead of SDPA.
@@ -20,7 +22,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .layout import cdiv, sink_window_blocks, to_flex_block_mask
+from .layout import cdiv, to_flex_block_mask
 from .reference import (
     HEAD_KEEP,
     HEAD_UNIFORM,
@@ -35,8 +37,10 @@ from .reference import (
 # Block lists switch from the masked row-chunk path to flex_attention at this many keys. Measured with
 # `llmpatch bench kernels` on 2 cores (benchmarks/RESULTS.md): flex wins from about 2k keys at 10-25% density.
 CROSSOVER_KEYS = 2048
-FLEX_BLOCK = 64  # block size of the lists built for static patterns
 MASK_ELEMENTS = 1 << 22  # mask elements per row chunk (B x H x rows x keys)
+DENSE_FALLBACK_KEYS = 768  # up to here a static pattern runs as one masked SDPA call (crossover measured
+# end to end on SmolLM2, window 256: one call wins at 512 keys (1.13x vs 0.86x), the band at 1024 (1.04x vs 0.95x))
+BAND_DIV = 4  # band chunks hold about window / BAND_DIV rows (measured: 4 beats 2 and 8 at 8k-16k)
 
 
 def _use_flex(nq, nk, block, return_lse) -> bool:
@@ -61,21 +65,19 @@ def attention(
         sink = window = None  # every window reaches all keys: no pattern
     plain = sink is None and kv_index is None and sliding_window is None and key_padding is None
     plain &= start is None or not bool((start > 0).any())
-    if plain and nq in (1, nk) and softcap is None and not return_lse:
+    if nq == 1 and kv_index is None and key_padding is None and softcap is None and not return_lse:
+        fast = _decode_band(q, k, v, scale, start, sliding_window, sink, window)
+        if fast is not None:
+            out = fast
+            plain = None
+    if plain is None:
+        lse = None
+    elif plain and nq in (1, nk) and softcap is None and not return_lse:
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=nq > 1, scale=scale, enable_gqa=h != k.shape[1]
         )
         lse = None
-    elif (kv_index is not None or sink is not None or sliding_window is not None) and _use_flex(
-        nq, nk, block_size if kv_index is not None else FLEX_BLOCK, return_lse
-    ):
-        if kv_index is None:  # the static pattern's own block list
-            kv_count, kv_index = sink_window_blocks(
-                b, nq, nk, sink if sink is not None else torch.zeros(h, dtype=torch.long),
-                window if window is not None else torch.full((h,), -1), FLEX_BLOCK, start=start,
-                sliding_window=sliding_window, device=q.device,
-            )  # fmt: skip
-            block_size = FLEX_BLOCK
+    elif kv_index is not None and _use_flex(nq, nk, block_size, return_lse):
         out, lse = _flex(q, k, v, scale, softcap, start, key_padding, sliding_window, sink, window,
                          kv_count, kv_index, block_size)  # fmt: skip
     else:
@@ -84,6 +86,39 @@ def attention(
     if head_mask is not None and bool((head_mask != HEAD_KEEP).any()):
         out = _apply_head_mask(out, v, head_mask, start, key_padding, sliding_window)
     return (out, lse) if return_lse else out
+
+
+def _decode_band(q, k, v, scale, start, sliding_window, sink, window):
+    """One decode query under a head-uniform sink + window, every sequence starting at the same slot: the
+    visible keys are two slices (sinks, recent window), so attention needs no mask. None if it does not apply."""
+    if (
+        sink is None
+        or not bool((sink == sink[0]).all() and (window == window[0]).all())
+        or int(window[0]) < 0
+    ):
+        return None
+    if start is not None and not bool((start == start[0]).all()):
+        return None
+    nk = k.shape[2]
+    st = 0 if start is None else int(start[0])
+    reach = int(window[0]) if sliding_window is None else min(int(window[0]), int(sliding_window))
+    lo = max(nk - reach, st, 0)  # the window: indices > last - reach, and real tokens only
+    s_lo, s_hi = (
+        max(st, 0),
+        min(max(st + int(sink[0]), 0), lo),
+    )  # sinks: positions [0, sink) before the window
+    if sliding_window is not None and s_hi > s_lo and nk - 1 - s_lo >= sliding_window:
+        return None  # sinks outside the layer's own window: let the masked path decide per key
+    if s_hi > s_lo:
+        k, v = (
+            torch.cat([k[:, :, s_lo:s_hi], k[:, :, lo:]], 2),
+            torch.cat([v[:, :, s_lo:s_hi], v[:, :, lo:]], 2),
+        )
+    else:
+        k, v = k[:, :, lo:], v[:, :, lo:]
+    if k.shape[2] == 0:
+        return torch.zeros_like(q)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _row_chunks(q, k, v, scale, softcap, start, key_padding, sliding_window, sink, window, kv_count, kv_index,
@@ -100,10 +135,18 @@ def _row_chunks(q, k, v, scale, softcap, start, key_padding, sliding_window, sin
     if sliding_window is not None:
         reach = min(reach, int(sliding_window))
     sink_end = st_hi + int(sink.max()) if sink is not None else 0
-    per_head = sink is not None or kv_index is not None
+    if sink is not None and bool((sink == sink[0]).all() and (window == window[0]).all()):
+        sink, window = sink[:1], window[:1]  # one pattern for every head: the mask broadcasts over heads
+    per_head = (sink is not None and sink.numel() > 1) or kv_index is not None
     rows = max(1, MASK_ELEMENTS // max(1, b * (h if per_head else 1) * min(nk, reach + sink_end + 256)))
+    if nk <= DENSE_FALLBACK_KEYS and kv_index is None and b * nq * nk <= MASK_ELEMENTS:
+        rows = nq  # short input: the pattern as one masked SDPA call (its mask is shared by every layer)
+    elif reach < nk:  # a band: short chunks keep the keys read per row near sink + window
+        rows = min(rows, max(128, min(1024, reach // BAND_DIV // 64 * 64)))
     if kv_index is not None:
         rows = max(bs, rows // bs * bs) if nq > bs else nq
+    start_free = start is None or not bool((start != 0).any())
+    sink_key = None if sink is None else (tuple(sink.tolist()), tuple(window.tolist()))
     out = torch.empty_like(q)
     lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device) if need_lse else None
     for r0 in range(0, nq, rows):
@@ -116,26 +159,61 @@ def _row_chunks(q, k, v, scale, softcap, start, key_padding, sliding_window, sin
         contiguous = keys.numel() == kend
         kc = k[:, :, :kend] if contiguous else k[:, :, keys]
         vc = v[:, :, :kend] if contiguous else v[:, :, keys]
-        q_pos, k_pos = q_pos_all[:, r0:r1], k_pos_all[:, keys]
-        pad = key_padding[:, keys] if key_padding is not None else None
-        mask = visible_mask(q_pos, k_pos, key_padding=pad, sliding_window=sliding_window)
-        if sink is not None:
-            mask = mask & static_mask(q_pos, k_pos, sink, window)
-        if kv_index is not None:
-            mask = mask & block_mask(kv_count, kv_index, bs, r1 - r0, kend, r0)[..., keys]
-        o, chunk_lse = _attend(q[:, :, r0:r1], kc, vc, mask, scale, softcap, need_lse)
+        # Past the sinks, with no padding and no block list, every full chunk has the same mask: build it once.
+        steady = start_free and key_padding is None and kv_index is None and r1 - r0 == rows
+        steady &= not contiguous or (r0 == 0 and r1 == nq)  # band chunks past the sinks, or the only chunk
+        key = (
+            b,
+            rows,
+            sink_end,
+            kend - lo,
+            kend if contiguous else None,
+            reach,
+            sliding_window,
+            sink_key,
+            q.dtype,
+            q.device,
+        )
+        key = key if steady else None
+        cached = _STEADY_MASKS.get(key) if steady else None
+        if cached is None:
+            q_pos, k_pos = q_pos_all[:, r0:r1], k_pos_all[:, keys]
+            pad = key_padding[:, keys] if key_padding is not None else None
+            mask = visible_mask(q_pos, k_pos, key_padding=pad, sliding_window=sliding_window)
+            if sink is not None:
+                mask = mask & static_mask(q_pos, k_pos, sink, window)
+            if kv_index is not None:
+                mask = mask & block_mask(kv_count, kv_index, bs, r1 - r0, kend, r0)[..., keys]
+            cached = (mask, _additive(mask, q.dtype) if softcap is None and not need_lse else None)
+            if steady:
+                if len(_STEADY_MASKS) >= 8:
+                    _STEADY_MASKS.pop(next(iter(_STEADY_MASKS)))
+                _STEADY_MASKS[key] = cached
+        o, chunk_lse = _attend(q[:, :, r0:r1], kc, vc, cached[0], scale, softcap, need_lse, cached[1])
         out[:, :, r0:r1] = o
         if need_lse:
             lse[:, :, r0:r1] = chunk_lse
     return out, lse
 
 
-def _attend(q, k, v, mask, scale, softcap, need_lse):
+_STEADY_MASKS: dict = {}  # (chunk signature) -> (bool mask, additive mask, rows seen), a few entries
+
+
+def _additive(mask, dtype):
+    """An additive float mask takes SDPA's fused CPU kernel without a per-call bool conversion."""
+    seen = mask.any(-1, keepdim=True)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf")), (
+        None if bool(seen.all()) else seen
+    )
+
+
+def _attend(q, k, v, mask, scale, softcap, need_lse, prepared=None):
     """Exact attention of a chunk under a bool mask [B, 1|H, rows, keys]; fully masked rows give 0."""
     h, hkv = q.shape[1], k.shape[1]
     if softcap is None and not need_lse:
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=h != hkv)
-        return torch.where(mask.any(-1, keepdim=True), o, torch.zeros_like(o)), None
+        additive, seen = prepared if prepared is not None else _additive(mask, q.dtype)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=scale, enable_gqa=h != hkv)
+        return (o if seen is None else torch.where(seen, o, torch.zeros_like(o))), None
     b, _, rows, d = q.shape
     g = h // hkv
     qg = q.reshape(b, hkv, g * rows, d).float()

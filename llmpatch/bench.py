@@ -4,13 +4,16 @@ Kernels: causal SDPA against a sparse backend over lengths x densities. Density 
 key blocks listed (block lists) or of causal scores kept (sink + window). Throughput is "sparse-aware": only
 the scores a backend computes count, 4 * D flops each (QK^T and PV).
 
-Model: each configuration runs in its own subprocess, so peak RSS is not inflated by an earlier run's heap.
+Model: each configuration runs in its own subprocess, so peak RSS is not inflated by an earlier run's heap, with
+glibc's mmap threshold fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_) so that freed tensors leave the RSS at once and
+the peak reflects live memory rather than allocator fragmentation.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -140,7 +143,8 @@ def bench_model(model, method, params, length, decode_tokens=16, repeats=2):
             "llmpatch.bench",
             json.dumps([model, meth, params, length, decode_tokens, repeats]),
         ]
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 16))  # freed tensors go back to the OS at once
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if res.returncode:
             raise RuntimeError(f"bench subprocess failed:\n{res.stderr[-2000:]}")
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))

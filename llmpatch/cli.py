@@ -127,7 +127,9 @@ def apply_cmd(
     sets: list[str] = typer.Option([], "--set", help="parameter override key=value (or method.key=value)"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
     compare: bool = typer.Option(False, "--compare", help="also run the unpatched model and compare"),
-    backend: str = typer.Option(None, "--backend", help="reference | sdpa (default: picked per layer)"),
+    backend: str = typer.Option(
+        None, "--backend", help="reference | sdpa | cpu | triton (default: by device)"
+    ),
     raw: bool = typer.Option(False, "--raw", help="do not wrap the prompt in the chat template"),
     save_plan: Path = typer.Option(None, "--save-plan", help="write the applied plan here"),
     json_out: Path = typer.Option(None, "--json", help="write outputs, timings and metadata as JSON"),
@@ -297,6 +299,105 @@ def lm_eval_cmd(ctx: typer.Context):
     except ImportError as exc:
         _fail(f"lm-eval: not installed ({exc}); pip install 'llmpatch[eval]'")
     raise typer.Exit(lm_eval_main(ctx.args))
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks against dense SDPA (same machine, same run).")
+app.add_typer(bench_app, name="bench")
+
+
+def _write_json(path: Path | None, rows, args: dict):
+    if path is not None:
+        from .meta import run_metadata
+
+        path.write_text(json.dumps({"rows": rows, "metadata": run_metadata(arguments=args)}, indent=2) + "\n")
+
+
+@bench_app.command("kernels")
+def bench_kernels_cmd(
+    lengths: str = typer.Option("4096,8192,16384", "--lengths", help="comma-separated sequence lengths"),
+    densities: str = typer.Option("1.0,0.5,0.2,0.1", "--densities", help="comma-separated densities (0, 1]"),
+    pattern: str = typer.Option("blocks", "--pattern", help="blocks | sink_window"),
+    heads: int = typer.Option(8, "--heads", min=1),
+    kv_heads: int = typer.Option(8, "--kv-heads", min=1),
+    head_dim: int = typer.Option(64, "--head-dim", min=1),
+    block_size: int = typer.Option(64, "--block-size", min=16),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 | bfloat16"),
+    device: str = typer.Option(None, "--device", help="cpu | cuda (default: cuda if available)"),
+    backend: str = typer.Option(None, "--backend", help="reference | cpu | triton (default: by device)"),
+    repeats: int = typer.Option(3, "--repeats", min=1),
+    json_out: Path = typer.Option(None, "--json", help="write rows and metadata as JSON"),
+):
+    """Attention only: causal SDPA against the sparse backend over lengths x densities."""
+    import torch
+
+    from .bench import bench_kernels
+
+    try:
+        if pattern not in ("blocks", "sink_window"):
+            raise ParameterError(f"--pattern: must be 'blocks' or 'sink_window', got {pattern!r}")
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise ParameterError(f"--dtype: must be float32, float16 or bfloat16, got {dtype!r}")
+        if heads % kv_heads:
+            raise ParameterError(f"--kv-heads: must divide --heads ({heads}), got {kv_heads}")
+        dens = _csv(densities, float, "densities")
+        if any(not 0 < x <= 1 for x in dens):
+            raise ParameterError(f"--densities: each must be in (0, 1], got {densities!r}")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        rows = bench_kernels(_csv(lengths, int, "lengths"), dens, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                             block_size=block_size, pattern=pattern, dtype=getattr(torch, dtype), device=device,
+                             backend=backend, repeats=repeats)  # fmt: skip
+    except (LlmpatchError, ValueError) as exc:
+        _fail(str(exc))
+    table = Table(
+        title=f"attention only: {pattern}, H={heads}, Hkv={kv_heads}, d={head_dim}, {dtype}, {device}"
+    )
+    for col in (
+        "length",
+        "density",
+        "SDPA ms",
+        "sparse ms",
+        "speedup",
+        "SDPA GFLOP/s",
+        "sparse-aware GFLOP/s",
+    ):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["length"]), f"{r['density']:.3f}", f"{r['sdpa_ms']:.1f}", f"{r['sparse_ms']:.1f}",
+                      f"{r['speedup']:.2f}x", f"{r['sdpa_gflops']:.1f}", f"{r['sparse_gflops']:.1f}")  # fmt: skip
+    console.print(table)
+    _write_json(json_out, rows, {"command": "bench kernels", "lengths": lengths, "densities": densities,
+                                 "pattern": pattern, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+                                 "dtype": dtype, "device": device, "backend": backend})  # fmt: skip
+
+
+@bench_app.command("model")
+def bench_model_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="alias, HF id or path"),
+    method: str = typer.Option(..., "--method", help="method to compare against the unpatched model"),
+    sets: list[str] = typer.Option([], "--set", help="parameter override key=value"),
+    length: int = typer.Option(8192, "--length", min=1),
+    decode_tokens: int = typer.Option(16, "--decode-tokens", min=1),
+    repeats: int = typer.Option(2, "--repeats", min=1),
+    json_out: Path = typer.Option(None, "--json", help="write rows and metadata as JSON"),
+):
+    """End to end: prefill time, decode tokens/s and peak memory, unpatched against patched."""
+    from .bench import bench_model
+
+    try:
+        rows = bench_model(model, method, parse_sets(sets), length, decode_tokens, repeats)
+    except (LlmpatchError, RuntimeError) as exc:
+        _fail(str(exc))
+    table = Table(title=f"{model}, {length} tokens")
+    for col in ("run", "density", "prefill s", "prefill speedup", "decode tok/s", "peak MB"):
+        table.add_column(col, justify="right")
+    base = rows[0]["prefill_s"]
+    for r in rows:
+        dens = f"{r['density']:.3f}" if r["density"] is not None else "1.000"
+        table.add_row(r["method"], dens, f"{r['prefill_s']:.2f}", f"{base / r['prefill_s']:.2f}x",
+                      f"{r['decode_tokens_per_s']:.1f}", f"{r['peak_memory_mb']:.0f}")  # fmt: skip
+    console.print(table)
+    _write_json(json_out, rows, {"command": "bench model", "model": model, "method": method, "sets": sets,
+                                 "length": length, "decode_tokens": decode_tokens})  # fmt: skip
 
 
 @app.callback(invoke_without_command=True)

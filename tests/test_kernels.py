@@ -232,3 +232,161 @@ def test_sink_window_blocks_cover_the_pattern(nk, extra, bs, window, sink, start
     covered = want & reference.block_mask(cnt, idx, bs, nq, nk)
     assert torch.equal(covered, want)
     assert int(cnt.max()) <= (sink + (window if window >= 0 else nk) + 2 * bs) // bs + 2
+
+
+@st.composite
+def decode_problems(draw):
+    b, hkv, g = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 3, 4]))
+    h = hkv * g
+    nk = draw(st.integers(1, 200))
+    nq = min(nk, draw(st.sampled_from([1, 2, 4])))
+    d = draw(st.sampled_from([16, 40, 64]))
+    bs = draw(st.sampled_from([16, 32]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    q, k, v = (torch.randn(b, n, m, d, generator=gen) for n, m in ((h, nq), (hkv, nk), (hkv, nk)))
+    kw = {"softcap": draw(st.sampled_from([None, 4.0]))}
+    if draw(st.booleans()):
+        kw["start"] = torch.tensor([draw(st.integers(-3, nk - 1)) for _ in range(b)])
+    if draw(st.booleans()):
+        kw["sliding_window"] = draw(st.integers(1, 200))
+    if draw(st.booleans()):
+        kw["sink"] = torch.tensor([draw(st.integers(0, 20)) for _ in range(h)])
+        kw["window"] = torch.tensor([draw(st.integers(-1, 100)) for _ in range(h)])
+    if draw(st.booleans()):
+        kw["head_mask"] = torch.tensor([draw(st.integers(0, 2)) for _ in range(h)], dtype=torch.int8)
+    if draw(st.booleans()):
+        kw["calib"] = torch.tensor([draw(st.booleans()) for _ in range(h)])
+        kw["calib_sinks"] = torch.rand(b, h, nk, generator=gen) < 0.2
+    n_kb = (nk + bs - 1) // bs
+    lists = draw(st.sampled_from([h, hkv]))
+    count = torch.randint(0, n_kb + 1, (b, lists), generator=gen)  # includes empty lists and empty splits
+    chosen = torch.stack([torch.randperm(n_kb, generator=gen) for _ in range(b * lists)]).view(b, lists, n_kb)
+    index = torch.where(torch.arange(n_kb) < count.unsqueeze(-1), chosen, n_kb).sort(-1).values.int()
+    splits = draw(st.sampled_from([None, 1, 3, 8]))
+    return q, k, v, count.int(), index, bs, splits, kw
+
+
+@interpreter
+@TRITON_SETTINGS
+@given(decode_problems(), st.sampled_from([torch.float32, torch.float16]))
+def test_triton_decode_matches_reference(problem, dtype):
+    from llmpatch.kernels import triton_decode
+
+    q, k, v, count, index, bs, splits, kw = problem
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    want = reference.attention(
+        q, k, v, kv_count=count.unsqueeze(2), kv_index=index.unsqueeze(2), block_size=bs, **kw
+    )
+    out, lse = triton_decode.decode(q, k, v, count, index, bs, splits=splits, **kw)
+    _check(out, want.out, 1e-4 if dtype == torch.float32 else 4e-3)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want.lse))
+
+
+@interpreter
+@pytest.mark.parametrize("step", [1, 3])
+def test_ring_cache_decode_equals_full_cache(step):
+    """A per-head ring buffer sized sink + window + step - 1 gives the full cache's sink+window attention."""
+    from llmpatch.kernels import ring, triton_decode
+
+    gen = torch.Generator().manual_seed(step)
+    b, hkv, g, d, n, bs = 2, 2, 3, 32, 120, 16
+    sink, window = torch.tensor([4, 0]), torch.tensor([10, 33])
+    size = ring.ring_size(window, step)
+    cap = int((sink + size).max())
+    kc, vc = torch.zeros(b, hkv, cap, d), torch.zeros(b, hkv, cap, d)
+    slot_pos = torch.full((b, hkv, cap), -1, dtype=torch.int32)
+    k, v = torch.randn(b, hkv, n, d, generator=gen), torch.randn(b, hkv, n, d, generator=gen)
+    for p0 in range(0, n - step, 7):  # appended in uneven pieces
+        p1 = min(p0 + 7, n - step)
+        ring.ring_append(
+            kc, vc, slot_pos, k[:, :, p0:p1], v[:, :, p0:p1], torch.arange(p0, p1).expand(b, -1), sink, size
+        )
+    ring.ring_append(
+        kc,
+        vc,
+        slot_pos,
+        k[:, :, n - step :],
+        v[:, :, n - step :],
+        torch.arange(n - step, n).expand(b, -1),
+        sink,
+        size,
+    )
+    q = torch.randn(b, hkv * g, step, d, generator=gen)
+    q_pos = torch.arange(n - step, n).expand(b, -1)
+    sq, wq = sink.repeat_interleave(g), window.repeat_interleave(g)
+    full = reference.attention(q, k, v, sink=sq, window=wq).out
+    ref, _ = ring.ring_reference(q, kc, vc, slot_pos, q_pos, sink=sq, window=wq)
+    n_kb = (cap + bs - 1) // bs
+    blocks = torch.arange(n_kb, dtype=torch.int32).expand(b, hkv, n_kb).contiguous()
+    out, _ = triton_decode.decode(q, kc, vc, torch.full((b, hkv), n_kb, dtype=torch.int32), blocks, bs, q_pos=q_pos,
+                                  slot_pos=slot_pos, sink=sq, window=wq)  # fmt: skip
+    _check(ref, full, 1e-5)
+    _check(out, full, 1e-5)
+    assert cap * 2 < n  # the ring holds fewer slots than the sequence has tokens
+
+
+@pytest.mark.parametrize("start", [None, 0, 5, -7])
+@pytest.mark.parametrize("sliding", [None, 40, 8])
+@pytest.mark.parametrize("sink,window", [(4, 16), (0, 16), (30, 10), (4, 200)])
+def test_cpu_decode_band_fast_path(start, sliding, sink, window):
+    """One decode query, head-uniform sink + window: the two-slice path equals the reference."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(2, 6, 1, 32, generator=gen),
+        torch.randn(2, 2, 90, 32, generator=gen),
+        torch.randn(2, 2, 90, 32, generator=gen),
+    )
+    kw = dict(sink=torch.full((6,), sink), window=torch.full((6,), window), sliding_window=sliding)
+    if start is not None:
+        kw["start"] = torch.tensor([start, start])
+    _check(cpu.attention(q, k, v, **kw), reference.attention(q, k, v, **kw).out, 1e-5)
+
+
+@SETTINGS
+@given(st.integers(1, 2), st.sampled_from([(2, 1), (4, 2)]), st.integers(1, 200), st.integers(0, 60),
+       st.sampled_from([16, 32]), st.integers(0, 4), st.integers(0, 2), st.integers(1, 2), st.booleans(),
+       st.integers(0, 2**16))  # fmt: skip
+def test_topk_blocks_matches_a_loop(b, heads, nk, extra, bs, top_k, sink_blocks, local_blocks, padded, seed):
+    from llmpatch.kernels.selection import pool_blocks, topk_blocks
+
+    h, hkv = heads
+    nq = max(1, nk - extra)
+    gen = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(b, h, nq, 16, generator=gen), torch.randn(b, hkv, nk, 16, generator=gen)
+    start = torch.randint(0, nk, (b,), generator=gen) if padded else None
+    cnt, idx = topk_blocks(q, k, bs, top_k, sink_blocks=sink_blocks, local_blocks=local_blocks, start=start)
+    st_ = torch.zeros(b, dtype=torch.long) if start is None else start
+    for bi in range(b):
+        kp = pool_blocks(k[bi : bi + 1], bs, (torch.arange(nk) >= st_[bi]).view(1, -1))[0]
+        qp = pool_blocks(q[bi : bi + 1], bs, (torch.arange(nk - nq, nk) >= st_[bi]).view(1, -1))[0]
+        for hi in range(h):
+            for qb in range(qp.shape[1]):
+                diag = (nk - nq + min((qb + 1) * bs, nq) - 1) // bs
+                first = int(st_[bi]) // bs
+                causal = list(range(first, diag + 1))
+                forced = {j for j in causal if j < first + sink_blocks or j > diag - local_blocks}
+                scores = {j: float(qp[hi, qb] @ kp[hi // (h // hkv), j]) for j in causal if j not in forced}
+                best = sorted(scores, key=scores.get, reverse=True)[:top_k]
+                want = sorted(forced | set(best))
+                n = int(cnt[bi, hi, qb])
+                assert idx[bi, hi, qb, :n].tolist() == want
+                assert reference.block_mask(cnt, idx, bs, nq, nk).shape[-1] == nk
+
+
+def test_selected_blocks_run_on_every_backend(monkeypatch):
+    """Selection output feeds block_sparse_attention directly; all backends agree."""
+    from llmpatch.kernels.selection import topk_blocks
+
+    monkeypatch.setattr(cpu, "CROSSOVER_KEYS", 0)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (
+        torch.randn(1, 4, 192, 32, generator=gen),
+        torch.randn(1, 2, 192, 32, generator=gen),
+        torch.randn(1, 2, 192, 32, generator=gen),
+    )
+    cnt, idx = topk_blocks(q, k, 32, 2)
+    want = block_sparse_attention(q, k, v, cnt, idx, 32, backend="reference")
+    _check(block_sparse_attention(q, k, v, cnt, idx, 32, backend="cpu"), want, 1e-5)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        _check(block_sparse_attention(q, k, v, cnt, idx, 32, backend="triton"), want, 1e-4)
+    assert layout.block_density(cnt, idx, 32, 192, 192) < 1.0
