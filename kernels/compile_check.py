@@ -1,5 +1,5 @@
 """Compile the production Triton configurations for a GPU target on any machine (no GPU needed) and report
-shared memory, registers and spills (local memory) from the cubin. Used by tests and by `python -m llmpatch.kernels.compile_check`.
+shared memory (from Triton) and registers, stack and spills (from ptxas -v). Used by tests and by `python -m llmpatch.kernels.compile_check`.
 
 Run without TRITON_INTERPRET (the interpreter replaces the JIT functions that `triton.compile` needs).
 """
@@ -24,20 +24,28 @@ def _signature(fn, types: dict, constexprs: dict) -> dict:
     return sig
 
 
-def _cubin_stats(cubin: bytes) -> dict:
-    """Registers, local memory (spills) and stack from the cubin, read with Triton's bundled cuobjdump."""
+def _ptxas_stats(ptx: str, arch: str) -> dict:
+    """Registers, spill stores/loads and stack from `ptxas -v` (Triton's newest bundled ptxas)."""
     import triton
 
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        text = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
-    found = {key: re.search(rf"\b{key}:(\d+)", text) for key in ("REG", "LOCAL", "STACK")}
-    return {"registers": int(found["REG"].group(1)) if found["REG"] else None,
-            "spill_local_bytes": int(found["LOCAL"].group(1)) if found["LOCAL"] else None,
-            "stack_bytes": int(found["STACK"].group(1)) if found["STACK"] else None}  # fmt: skip
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        text = ""
+        for tool in ("ptxas-blackwell", "ptxas"):  # the older one rejects newer PTX versions
+            res = subprocess.run([os.path.join(bin_dir, tool), "-v", f"--gpu-name={arch}", path, "-o",
+                                  os.path.join(tmp, "k.cubin")], capture_output=True, text=True)  # fmt: skip
+            text = res.stderr + res.stdout
+            if res.returncode == 0:
+                break
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return {"registers": int(regs.group(1)) if regs else None,
+            "stack_bytes": int(spill.group(1)) if spill else None,
+            "spill_stores": int(spill.group(2)) if spill else None,
+            "spill_loads": int(spill.group(3)) if spill else None}  # fmt: skip
 
 
 def compile_prefill(
@@ -49,9 +57,9 @@ def compile_prefill(
 
     from .triton_prefill import config, prefill_kernel
 
-    cfg = config(group * 2, 2, head_dim, pattern, pattern == 2, 64)
+    cfg = config(group * 2, 2, head_dim, pattern, pattern == 2, 64, calib)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    consts = dict(cfg, PATTERN=pattern, STATIC=pattern == 1, LIST_PER_KV=pattern == 2, HAS_START=True,
+    consts = dict(cfg, LIST_BLOCK=64, PATTERN=pattern, STATIC=pattern == 1, LIST_PER_KV=pattern == 2, HAS_START=True,
                   HAS_PAD=False, SLIDING=False, SOFTCAP=softcap, CALIB=calib, COLSUM_PASS=False,
                   HEAD_ZERO_ROWS=False, PRECISION="tf32")  # fmt: skip
     ptrs = {n: "*i32" for n in ("START", "SINK", "WINDOW", "KV_COUNT", "KV_INDEX", "KEY_PAD", "HEAD_MODE")}
@@ -61,7 +69,7 @@ def compile_prefill(
     k = triton.compile(
         src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages}
     )
-    stats = _cubin_stats(k.asm["cubin"])
+    stats = _ptxas_stats(k.asm["ptx"], f"sm_{arch}a")
     return {"kernel": "prefill", "dtype": dtype, "head_dim": head_dim, "pattern": pattern, "group": group,
             "calib": calib, "softcap": softcap, "block_m": cfg["BLOCK_M"], "block_n": cfg["BLOCK_N"],
             "num_warps": warps, "num_stages": stages, "shared_bytes": k.metadata.shared, **stats}  # fmt: skip
@@ -82,7 +90,7 @@ def compile_decode(dtype="bf16", head_dim=128, group=4, arch=90) -> dict:
                 **{n: "*fp32" for n in ("ACC", "ACC_S", "M", "L", "L_S")})  # fmt: skip
     src = ASTSource(fn=decode_kernel, signature=_signature(decode_kernel, ptrs, consts), constexprs=consts)
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 2})
-    stats = _cubin_stats(k.asm["cubin"])
+    stats = _ptxas_stats(k.asm["ptx"], f"sm_{arch}a")
     return {"kernel": "decode", "dtype": dtype, "head_dim": head_dim, "group": group, "num_warps": 4,
             "shared_bytes": k.metadata.shared, **stats}  # fmt: skip
 

@@ -34,9 +34,11 @@ from .reference import (
     visible_mask,
 )
 
-# Block lists switch from the masked row-chunk path to flex_attention at this many keys. Measured with
-# `llmpatch bench kernels` on 2 cores (benchmarks/RESULTS.md): flex wins from about 2k keys at 10-25% density.
-CROSSOVER_KEYS = 2048
+# Block lists run on flex_attention from this many keys. Measured on 2 cores (8 heads, d=64, fp32, densities
+# 10-25%): flex 1.5-1.8 ms against 11 ms for masked row chunks at 512 keys, 49 ms against 390 ms at 4096; at 256
+# keys flex (1.4-1.7 ms) is still faster than the masked chunks (5-6 ms). The first call per process compiles
+# (about 10 s on 2 cores; inductor caches it on disk).
+CROSSOVER_KEYS = 256
 MASK_ELEMENTS = 1 << 22  # mask elements per row chunk (B x H x rows x keys)
 DENSE_FALLBACK_KEYS = 768  # up to here a static pattern runs as one masked SDPA call (crossover measured
 # end to end on SmolLM2, window 256: one call wins at 512 keys (1.13x vs 0.86x), the band at 1024 (1.04x vs 0.95x))
@@ -147,7 +149,9 @@ def _row_chunks(q, k, v, scale, softcap, start, key_padding, sliding_window, sin
         rows = max(bs, rows // bs * bs) if nq > bs else nq
     start_free = start is None or not bool((start != 0).any())
     sink_key = None if sink is None else (tuple(sink.tolist()), tuple(window.tolist()))
-    out = torch.empty_like(q)
+    out = torch.empty(b, nq, h, d, dtype=q.dtype, device=q.device).transpose(
+        1, 2
+    )  # [B, N, H, D] memory: no copy later
     lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device) if need_lse else None
     for r0 in range(0, nq, rows):
         r1 = min(nq, r0 + rows)
@@ -173,6 +177,7 @@ def _row_chunks(q, k, v, scale, softcap, start, key_padding, sliding_window, sin
             sink_key,
             q.dtype,
             q.device,
+            softcap is None and not need_lse,
         )
         key = key if steady else None
         cached = _STEADY_MASKS.get(key) if steady else None
@@ -184,10 +189,10 @@ def _row_chunks(q, k, v, scale, softcap, start, key_padding, sliding_window, sin
                 mask = mask & static_mask(q_pos, k_pos, sink, window)
             if kv_index is not None:
                 mask = mask & block_mask(kv_count, kv_index, bs, r1 - r0, kend, r0)[..., keys]
-            cached = (mask, _additive(mask, q.dtype) if softcap is None and not need_lse else None)
+            sdpa_ready = softcap is None and not need_lse
+            cached = (None if sdpa_ready else mask, _additive(mask, q.dtype) if sdpa_ready else None)
             if steady:
-                if len(_STEADY_MASKS) >= 8:
-                    _STEADY_MASKS.pop(next(iter(_STEADY_MASKS)))
+                _STEADY_MASKS.clear()  # one entry: every layer of a forward pass asks for the same chunk mask
                 _STEADY_MASKS[key] = cached
         o, chunk_lse = _attend(q[:, :, r0:r1], kc, vc, cached[0], scale, softcap, need_lse, cached[1])
         out[:, :, r0:r1] = o
@@ -196,7 +201,7 @@ def _row_chunks(q, k, v, scale, softcap, start, key_padding, sliding_window, sin
     return out, lse
 
 
-_STEADY_MASKS: dict = {}  # (chunk signature) -> (bool mask, additive mask, rows seen), a few entries
+_STEADY_MASKS: dict = {}  # chunk signature -> (bool mask or None, (additive mask, rows seen) or None)
 
 
 def _additive(mask, dtype):
@@ -255,7 +260,7 @@ def _apply_head_mask(out, v, head_mask, start, key_padding, sliding_window):
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)  # shapes turn dynamic after the first recompile
 
 
 def _flex(q, k, v, scale, softcap, start, key_padding, sliding_window, sink, window, kv_count, kv_index, bs):

@@ -99,7 +99,7 @@ def prefill_kernel(
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om, H, HKV, NQ, NK, D, QB, MAX_K,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, PATTERN: tl.constexpr, STATIC: tl.constexpr, LIST_PER_KV: tl.constexpr, HAS_START: tl.constexpr,
+    LIST_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, PATTERN: tl.constexpr, STATIC: tl.constexpr, LIST_PER_KV: tl.constexpr, HAS_START: tl.constexpr,
     HAS_PAD: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr, CALIB: tl.constexpr,
     COLSUM_PASS: tl.constexpr, HEAD_ZERO_ROWS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -148,9 +148,9 @@ def prefill_kernel(
     hi = q_last // BLOCK_N + 1  # blocks up to the diagonal
     if PATTERN == 2:
         if LIST_PER_KV:
-            list_off = (b.to(tl.int64) * HKV + kvh) * QB + pid_m
+            list_off = (b.to(tl.int64) * HKV + kvh) * QB + pid_m * BLOCK_M // LIST_BLOCK
         else:
-            list_off = (b.to(tl.int64) * H + h0) * QB + pid_m
+            list_off = (b.to(tl.int64) * H + h0) * QB + pid_m * BLOCK_M // LIST_BLOCK
         count = tl.load(KV_COUNT + list_off)
         for j in range(0, count):
             kb = tl.load(KV_INDEX + list_off * MAX_K + j)
@@ -215,15 +215,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def config(h: int, hkv: int, d: int, pattern: int, list_per_kv: bool, block_size: int) -> dict:
-    """Tile sizes: one configuration (the interpreter cannot autotune); tiles of about 128 rows on GPUs."""
+def config(
+    h: int, hkv: int, d: int, pattern: int, list_per_kv: bool, block_size: int, calib: bool = False
+) -> dict:
+    """Tile sizes: one configuration (the interpreter cannot autotune). A tile holds GROUP_PAD x BLOCK_M rows:
+    128 at d <= 64, 64 at d = 128, 32 at d = 256, halved for ACT's second accumulator (register budget on sm_90,
+    checked by compile_check). Block lists keep BLOCK_N = block_size; BLOCK_M divides it."""
     group = h // hkv if (pattern != 2 or list_per_kv) else 1
     group_pad = triton.next_power_of_2(group)
+    rows = (128 if d <= 64 else 64 if d <= 128 else 32) // (2 if calib else 1)
     if pattern == 2:
-        block_m = block_n = block_size
+        block_n = block_size
+        block_m = min(block_size, max(16, rows // group_pad))
     else:
         block_n = 64 if d <= 128 else 32
-        block_m = max(16, 128 // group_pad)
+        block_m = max(16, rows // group_pad)
     return dict(GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, BLOCK_N=block_n,
                 HEAD_DIM=max(16, triton.next_power_of_2(d)), num_warps=4 if d <= 64 else 8, num_stages=2)  # fmt: skip
 
@@ -234,7 +240,7 @@ def _launch(q, k, v, *, scale, softcap, start, key_padding, sliding_window, sink
     hkv, nk = k.shape[1], k.shape[2]
     pattern = 2 if kv_index is not None else (1 if sink is not None else 0)
     list_per_kv = kv_index is not None and kv_index.shape[1] == hkv and hkv != h
-    cfg = config(h, hkv, d, pattern, list_per_kv, block_size)
+    cfg = config(h, hkv, d, pattern, list_per_kv, block_size, calib_sinks is not None or colsum_pass)
     if pattern == 2 and (kv_index.shape[2] != triton.cdiv(nq, block_size) or block_size < 16):
         raise ValueError(
             f"kv_index: expected {triton.cdiv(nq, block_size)} query blocks and block_size >= 16"
@@ -256,7 +262,7 @@ def _launch(q, k, v, *, scale, softcap, start, key_padding, sliding_window, sink
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         h, hkv, nq, nk, d, 1 if kv_index is None else kv_index.shape[2], 1 if kv_index is None else kv_index.shape[3],
-        PATTERN=pattern, STATIC=sink is not None, LIST_PER_KV=list_per_kv, HAS_START=start is not None, HAS_PAD=key_padding is not None,
+        LIST_BLOCK=block_size, PATTERN=pattern, STATIC=sink is not None, LIST_PER_KV=list_per_kv, HAS_START=start is not None, HAS_PAD=key_padding is not None,
         SLIDING=sliding_window is not None, SOFTCAP=softcap is not None, CALIB=calib_sinks is not None,
         COLSUM_PASS=colsum_pass, HEAD_ZERO_ROWS=zero_rows, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         **cfg,

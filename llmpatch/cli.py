@@ -388,13 +388,21 @@ def bench_model_cmd(
     except (LlmpatchError, RuntimeError) as exc:
         _fail(str(exc))
     table = Table(title=f"{model}, {length} tokens")
-    for col in ("run", "density", "prefill s", "prefill speedup", "decode tok/s", "peak MB"):
+    for col in (
+        "run",
+        "density",
+        "prefill s",
+        "prefill speedup",
+        "decode tok/s",
+        "peak RSS MB",
+        "peak live MB",
+    ):
         table.add_column(col, justify="right")
     base = rows[0]["prefill_s"]
     for r in rows:
         dens = f"{r['density']:.3f}" if r["density"] is not None else "1.000"
         table.add_row(r["method"], dens, f"{r['prefill_s']:.2f}", f"{base / r['prefill_s']:.2f}x",
-                      f"{r['decode_tokens_per_s']:.1f}", f"{r['peak_memory_mb']:.0f}")  # fmt: skip
+                      f"{r['decode_tokens_per_s']:.1f}", f"{r['peak_memory_mb']:.0f}", f"{r['peak_live_mb']:.0f}")  # fmt: skip
     console.print(table)
     _write_json(json_out, rows, {"command": "bench model", "model": model, "method": method, "sets": sets,
                                  "length": length, "decode_tokens": decode_tokens})  # fmt: skip
