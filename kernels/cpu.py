@@ -63,7 +63,7 @@ def attention(
     scale = d**-0.5 if scale is None else float(scale)
     if kv_index is not None:
         kv_count, kv_index = per_query_head(kv_count, kv_index, h)
-    if sink is not None and window is not None and not bool(((window >= 0) & (window < nk)).any()):
+    if sink is not None and window is not None and not any(0 <= w < nk for w in window.tolist()):
         sink = window = None  # every window reaches all keys: no pattern
     plain = sink is None and kv_index is None and sliding_window is None and key_padding is None
     plain &= start is None or not bool((start > 0).any())
@@ -93,21 +93,19 @@ def attention(
 def _decode_band(q, k, v, scale, start, sliding_window, sink, window):
     """One decode query under a head-uniform sink + window, every sequence starting at the same slot: the
     visible keys are two slices (sinks, recent window), so attention needs no mask. None if it does not apply."""
-    if (
-        sink is None
-        or not bool((sink == sink[0]).all() and (window == window[0]).all())
-        or int(window[0]) < 0
-    ):
+    if sink is None:
         return None
-    if start is not None and not bool((start == start[0]).all()):
+    sinks, windows = set(sink.tolist()), set(window.tolist())  # python sets: cheaper than tensor ops per step
+    starts = {0} if start is None else set(start.tolist())
+    if len(sinks) != 1 or len(windows) != 1 or len(starts) != 1 or min(windows) < 0:
         return None
     nk = k.shape[2]
-    st = 0 if start is None else int(start[0])
-    reach = int(window[0]) if sliding_window is None else min(int(window[0]), int(sliding_window))
+    st, s0, w0 = starts.pop(), sinks.pop(), windows.pop()
+    reach = w0 if sliding_window is None else min(w0, int(sliding_window))
     lo = max(nk - reach, st, 0)  # the window: indices > last - reach, and real tokens only
     s_lo, s_hi = (
         max(st, 0),
-        min(max(st + int(sink[0]), 0), lo),
+        min(max(st + s0, 0), lo),
     )  # sinks: positions [0, sink) before the window
     if sliding_window is not None and s_hi > s_lo and nk - 1 - s_lo >= sliding_window:
         return None  # sinks outside the layer's own window: let the masked path decide per key

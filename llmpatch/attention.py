@@ -95,6 +95,20 @@ def _act_sinks_for(decision, mask: CompactMask, b: int, nk: int):
     return aligned
 
 
+def _facts(decision) -> dict:
+    """Python-level facts about a layer's decision tensors, recomputed only when a tensor is replaced or edited
+    in place (tensor versions), so a decode step does not pay for tensor reductions in every layer."""
+    tensors = (decision.window, decision.head_mask, decision.calib)
+    key = tuple((id(t), t._version) for t in tensors)
+    cached = decision.state.get("facts")
+    if cached is None or cached[0] != key:
+        facts = {"pattern": bool((decision.window >= 0).any()), "masked": bool(decision.head_mask.any()),
+                 "calib": bool(decision.calib.any())}  # fmt: skip
+        cached = (key, facts)
+        decision.state["facts"] = cached
+    return cached[1]
+
+
 def llmpatch_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -128,14 +142,15 @@ def llmpatch_attention(
         key_padding=mask.key_padding,
         sliding_window=decision.sliding_window,
     )
-    if bool((decision.window >= 0).any()):
+    facts = _facts(decision)
+    if facts["pattern"]:
         kw.update(sink=decision.sink.to(query.device), window=decision.window.to(query.device))
     if decision.selector is not None:
         kv_count, kv_index = decision.selector(query, key, decision, mask)
         kw.update(kv_count=kv_count, kv_index=kv_index, block_size=decision.block_size)
-    if (not prefill or decision.mask_prefill) and bool(decision.head_mask.any()):
+    if (not prefill or decision.mask_prefill) and facts["masked"]:
         kw.update(head_mask=decision.head_mask.to(query.device))
-    calibrating = bool(decision.calib.any())
+    calibrating = facts["calib"]
     if calibrating and (prefill or decision.calib_decode):
         kw.update(
             calib=decision.calib.to(query.device),
