@@ -390,3 +390,21 @@ def test_selected_blocks_run_on_every_backend(monkeypatch):
     if os.environ.get("TRITON_INTERPRET") == "1":
         _check(block_sparse_attention(q, k, v, cnt, idx, 32, backend="triton"), want, 1e-4)
     assert layout.block_density(cnt, idx, 32, 192, 192) < 1.0
+
+
+@interpreter
+def test_gpu_check_script_passes_at_small_sizes(tmp_path):
+    """The prepared GPU script runs end to end under the interpreter (correctness rows must be ok)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    res = subprocess.run([sys.executable, str(script), "--small", "--out", str(tmp_path)], capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    import json
+
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["correctness"] and all(r["ok"] for r in report["correctness"])
+    assert len(report["prefill"]) == 8 and len(report["decode"]) == 2
