@@ -59,8 +59,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
     if name == "sdpa":
         return sdpa.attention(q, k, v, **kw), None
     if name == "triton":
-        from . import triton_prefill
+        from . import triton_decode, triton_prefill
 
+        # Decode steps (a few queries, no holes in the mask) take the split-K kernel; ACT on decode needs the
+        # prefill's sinks (without them the step is uncalibrated, as on every backend).
+        if q.shape[2] <= triton_decode.MAX_Q < k.shape[2] and kw.get("key_padding") is None:
+            calib_ok = (
+                kw.get("calib") is None or kw.get("calib_sinks") is not None or not bool(kw["calib"].any())
+            )
+            if calib_ok:
+                return triton_decode.attention(q, k, v, **kw), None
         res = triton_prefill.attention(q, k, v, **kw)
         return res.out, res.calib_sinks
     return _reference_chunked(q, k, v, **kw)

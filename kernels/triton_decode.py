@@ -203,3 +203,41 @@ def decode(q, k, v, kv_count, kv_index, block_size, *, q_pos=None, slot_pos=None
         out = torch.where(hm == HEAD_UNIFORM, uniform, out)
         out = torch.where(hm == HEAD_ZERO, 0.0, out)
     return out.to(q.dtype), lse
+
+
+MAX_Q = 16
+DECODE_BLOCK = 64
+
+
+def attention(q, k, v, *, start=None, key_padding=None, sliding_window=None, sink=None, window=None, kv_count=None,
+              kv_index=None, block_size=64, scale=None, softcap=None, head_mask=None, calib=None, calib_beta=0.4,
+              calib_sinks=None, **_):  # fmt: skip
+    """Decode steps through the split-K kernel with the model path's arguments (contiguous cache).
+    The step's block list comes from the dynamic selector, or is built from the static pattern."""
+    from .layout import sink_window_blocks
+
+    if key_padding is not None:
+        raise ValueError("key_padding: the decode kernel takes left padding (start) only")
+    b, h, nq, _ = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    if kv_index is not None:
+        if kv_index.shape[2] != 1:
+            raise ValueError(f"kv_index: a decode step has one query block, got {kv_index.shape[2]}")
+        count, index, bs = kv_count[:, :, 0], kv_index[:, :, 0], block_size
+    else:
+        bs = DECODE_BLOCK
+        s = sink if sink is not None else torch.zeros(h, dtype=torch.long, device=q.device)
+        w = window if window is not None else torch.full((h,), -1, dtype=torch.long, device=q.device)
+        shared = bool(
+            (s == s[0]).all() and (w == w[0]).all()
+        )  # one list per KV head (GQA group shares loads)
+        heads = hkv if shared else h
+        count, index = sink_window_blocks(b, nq, nk, s[:1].expand(heads) if shared else s,
+                                          w[:1].expand(heads) if shared else w, bs, start=start,
+                                          sliding_window=sliding_window, device=q.device)  # fmt: skip
+        count, index = count[:, :, 0], index[:, :, 0]
+    use_calib = calib if calib_sinks is not None else None
+    out, _ = decode(q, k, v, count, index, bs, start=start, scale=scale, softcap=softcap,
+                    sliding_window=sliding_window, sink=sink, window=window, head_mask=head_mask, calib=use_calib,
+                    calib_beta=calib_beta, calib_sinks=calib_sinks)  # fmt: skip
+    return out
