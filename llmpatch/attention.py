@@ -169,6 +169,8 @@ def llmpatch_attention(
             density.causal_count(b, h, nq, nk, **dims),
         )
     out, sinks = dispatch.attention(query, key, value, backend=decision.backend, **kw)
+    if decision.state.get("last_layer"):
+        dispatch.release_caches()  # masks shared by the layers of one forward pass are not kept past it
     if prefill and sinks is not None:
         decision.state["act_sinks"] = (mask.kv_offset, sinks)
     return out.transpose(1, 2).contiguous(), None
