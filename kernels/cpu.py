@@ -159,8 +159,9 @@ def _row_chunks(q, k, v, scale, softcap, start, key_padding, sliding_window, sin
             [torch.arange(min(sink_end, kend), device=q.device), torch.arange(lo, kend, device=q.device)]
         )  # fmt: skip
         contiguous = keys.numel() == kend
-        kc = k[:, :, :kend] if contiguous else k[:, :, keys]
-        vc = v[:, :, :kend] if contiguous else v[:, :, keys]
+        s_end = min(sink_end, kend)  # two slices copy faster than an index gather
+        kc = k[:, :, :kend] if contiguous else torch.cat([k[:, :, :s_end], k[:, :, lo:kend]], 2)
+        vc = v[:, :, :kend] if contiguous else torch.cat([v[:, :, :s_end], v[:, :, lo:kend]], 2)
         # Past the sinks, with no padding and no block list, every full chunk has the same mask: build it once.
         steady = start_free and key_padding is None and kv_index is None and r1 - r0 == rows
         steady &= not contiguous or (r0 == 0 and r1 == nq)  # band chunks past the sinks, or the only chunk
