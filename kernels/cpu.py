@@ -67,18 +67,15 @@ def attention(
         sink = window = None  # every window reaches all keys: no pattern
     plain = sink is None and kv_index is None and sliding_window is None and key_padding is None
     plain &= start is None or not bool((start > 0).any())
+    out, lse = None, None
     if nq == 1 and kv_index is None and key_padding is None and softcap is None and not return_lse:
-        fast = _decode_band(q, k, v, scale, start, sliding_window, sink, window)
-        if fast is not None:
-            out = fast
-            plain = None
-    if plain is None:
-        lse = None
+        out = _decode_band(q, k, v, scale, start, sliding_window, sink, window)  # None if it does not apply
+    if out is not None:
+        pass  # the decode fast path ran
     elif plain and nq in (1, nk) and softcap is None and not return_lse:
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=nq > 1, scale=scale, enable_gqa=h != k.shape[1]
         )
-        lse = None
     elif kv_index is not None and _use_flex(nq, nk, block_size, return_lse):
         out, lse = _flex(q, k, v, scale, softcap, start, key_padding, sliding_window, sink, window,
                          kv_count, kv_index, block_size)  # fmt: skip

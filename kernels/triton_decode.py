@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .reference import HEAD_UNIFORM, HEAD_ZERO, per_query_head
-from .triton_prefill import _interpreting, _tanh
+from .triton_prefill import _interpreting, _keep, _online_softmax, _tanh
 
 
 @triton.jit
@@ -88,26 +88,10 @@ def decode_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
         if SOFTCAP:
             s = softcap * _tanh(s / softcap)
-        keep = (kp[None, :] >= 0) & (kp[None, :] <= qp[:, None]) & row_ok[:, None]
-        if SLIDING:
-            keep = keep & (qp[:, None] - kp[None, :] < sliding_window)
-        if STATIC:
-            keep = keep & ((kp[None, :] < sink_r[:, None]) | (window_r[:, None] < 0)
-                           | (qp[:, None] - kp[None, :] < window_r[:, None]))  # fmt: skip
+        keep = _keep(qp, kp, row_ok, kmask, sink_r, window_r, sliding_window, SLIDING, STATIC)
         s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2((s - m_use[:, None]) * 1.4426950408889634)
-        alpha = tl.exp2((m_i - m_use) * 1.4426950408889634)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if CALIB:
-            snk = tl.load(CALIB_SINKS + (b.to(tl.int64) * H + row_h)[:, None] * NK + kidx[None, :],
-                          mask=row_ok[:, None] & kmask[None, :], other=0)  # fmt: skip
-            ps = tl.where(snk != 0, p, 0.0)
-            acc_s = acc_s * alpha[:, None] + tl.dot(ps.to(v.dtype), v, input_precision=PRECISION)
-            l_s = l_s * alpha + tl.sum(ps, axis=1)
-        m_i = m_new
+        acc, acc_s, l_i, l_s, m_i = _online_softmax(acc, acc_s, l_i, l_s, m_i, s, v, CALIB_SINKS, b, H, row_h, NK,
+                                                    kidx, row_ok, kmask, CALIB, PRECISION)  # fmt: skip
 
     part = ((b.to(tl.int64) * H + row_h) * NQ + qrow) * SPLITS + split  # [B, H, NQ, SPLITS]
     tl.store(M + part, m_i, mask=row_ok)

@@ -23,14 +23,47 @@ import triton.language as tl
 
 from .reference import HEAD_UNIFORM, HEAD_ZERO, AttentionResult
 
-LOG2E = 1.4426950408889634
-
 
 @triton.jit
 def _tanh(x):
     t = tl.exp(-2.0 * tl.abs(x))
     y = (1.0 - t) / (1.0 + t)
     return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def _keep(
+    qp, kp, row_ok, kmask, sink_r, window_r, sliding_window, SLIDING: tl.constexpr, STATIC: tl.constexpr
+):
+    """Token-level mask [rows, keys] from query and key positions: causal, real keys, the layer's sliding
+    window and the per-row sink + window."""
+    keep = (kp[None, :] >= 0) & (kp[None, :] <= qp[:, None]) & kmask[None, :] & row_ok[:, None]
+    if SLIDING:
+        keep = keep & (qp[:, None] - kp[None, :] < sliding_window)
+    if STATIC:
+        keep = keep & ((kp[None, :] < sink_r[:, None]) | (window_r[:, None] < 0)
+                       | (qp[:, None] - kp[None, :] < window_r[:, None]))  # fmt: skip
+    return keep
+
+
+@triton.jit
+def _online_softmax(acc, acc_s, l_i, l_s, m_i, s, v, CALIB_SINKS, b, H, row_h, NK, kidx, row_ok, kmask,
+                    CALIB: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """One key block of online softmax (base 2); with CALIB, a second accumulator over the ACT sink columns.
+    Fully masked rows keep max -inf and weigh 0. Returns the new (acc, acc_s, l_i, l_s, m_i)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2((s - m_use[:, None]) * 1.4426950408889634)
+    alpha = tl.exp2((m_i - m_use) * 1.4426950408889634)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if CALIB:
+        snk = tl.load(CALIB_SINKS + (b.to(tl.int64) * H + row_h)[:, None] * NK + kidx[None, :],
+                      mask=row_ok[:, None] & kmask[None, :], other=0)  # fmt: skip
+        ps = tl.where(snk != 0, p, 0.0)
+        acc_s = acc_s * alpha[:, None] + tl.dot(ps.to(v.dtype), v, input_precision=PRECISION)
+        l_s = l_s * alpha + tl.sum(ps, axis=1)
+    return acc, acc_s, l_i, l_s, m_new
 
 
 @triton.jit
@@ -53,12 +86,7 @@ def _block(
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale
     if SOFTCAP:
         s = softcap * _tanh(s / softcap)
-    keep = (kidx[None, :] <= qi[:, None]) & (kidx[None, :] >= st) & kmask[None, :] & row_ok[:, None]
-    if SLIDING:
-        keep = keep & (qi[:, None] - kidx[None, :] < sliding_window)
-    if STATIC:
-        keep = keep & (((kidx[None, :] - st) < sink_r[:, None]) | (window_r[:, None] < 0)
-                       | (qi[:, None] - kidx[None, :] < window_r[:, None]))  # fmt: skip
+    keep = _keep(qi - st, kidx - st, row_ok, kmask, sink_r, window_r, sliding_window, SLIDING, STATIC)
     if HAS_PAD:
         pad = tl.load(KEY_PAD + b.to(tl.int64) * NK + kidx, mask=kmask, other=0)
         keep = keep & (pad[None, :] != 0)
@@ -77,19 +105,8 @@ def _block(
     v = tl.load(
         V + b * stride_vb + kvh * stride_vh + kv_off * stride_vn + dims[None, :], mask=ld_mask, other=0.0
     )
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2((s - m_use[:, None]) * 1.4426950408889634)
-    alpha = tl.exp2((m_i - m_use) * 1.4426950408889634)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    if CALIB:
-        snk = tl.load(CALIB_SINKS + (b.to(tl.int64) * H + row_h)[:, None] * NK + kidx[None, :],
-                      mask=row_ok[:, None] & kmask[None, :], other=0)  # fmt: skip
-        ps = tl.where(snk != 0, p, 0.0)
-        acc_s = acc_s * alpha[:, None] + tl.dot(ps.to(v.dtype), v, input_precision=PRECISION)
-        l_s = l_s * alpha + tl.sum(ps, axis=1)
-    return acc, acc_s, l_i, l_s, m_new
+    return _online_softmax(acc, acc_s, l_i, l_s, m_i, s, v, CALIB_SINKS, b, H, row_h, NK, kidx, row_ok, kmask,
+                           CALIB, PRECISION)  # fmt: skip
 
 
 @triton.jit
@@ -146,44 +163,38 @@ def prefill_kernel(
     q_first = NK - NQ + pid_m * BLOCK_M
     q_last = tl.minimum(q_first + BLOCK_M, NK) - 1
     hi = q_last // BLOCK_N + 1  # blocks up to the diagonal
+    # The key blocks to visit: the listed ones (PATTERN 2), or the sink blocks then the band up to the diagonal.
     if PATTERN == 2:
         if LIST_PER_KV:
             list_off = (b.to(tl.int64) * HKV + kvh) * QB + pid_m * BLOCK_M // LIST_BLOCK
         else:
             list_off = (b.to(tl.int64) * H + h0) * QB + pid_m * BLOCK_M // LIST_BLOCK
-        count = tl.load(KV_COUNT + list_off)
-        for j in range(0, count):
-            kb = tl.load(KV_INDEX + list_off * MAX_K + j)
-            acc, acc_s, l_i, l_s, m_i = _block(
-                acc, acc_s, l_i, l_s, m_i, q, kb, b, kvh, row_h, qi, row_ok, st, sink_r, window_r, lse_r,
-                K, V, KEY_PAD, CALIB_SINKS, COLSUM, COLCNT, sm_scale, softcap, sliding_window,
-                stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, H, NK, D, h0,
-                GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, STATIC, HAS_PAD, SLIDING, SOFTCAP, CALIB, COLSUM_PASS, PRECISION,
-            )  # fmt: skip
+        n_sink = 0
+        n_iter = tl.load(KV_COUNT + list_off)
     else:
         lo = st0
         if SLIDING:
             lo = tl.maximum(lo, q_first - sliding_window + 1)
         band_lo = lo // BLOCK_N
+        sink_lo = st0 // BLOCK_N
+        n_sink = 0
         if PATTERN == 1:
             wmax = tl.max(tl.where(g < GROUP, tl.where(window_r < 0, NK, window_r), 0), axis=0)
             smax = tl.max(tl.where(g < GROUP, sink_r, 0), axis=0)
             band_lo = tl.maximum(lo, q_first - wmax + 1) // BLOCK_N
-            sink_hi = tl.minimum((st0 + smax + BLOCK_N - 1) // BLOCK_N, band_lo)
-            for kb in range(st0 // BLOCK_N, sink_hi):
-                acc, acc_s, l_i, l_s, m_i = _block(
-                    acc, acc_s, l_i, l_s, m_i, q, kb, b, kvh, row_h, qi, row_ok, st, sink_r, window_r, lse_r,
-                    K, V, KEY_PAD, CALIB_SINKS, COLSUM, COLCNT, sm_scale, softcap, sliding_window,
-                    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, H, NK, D, h0,
-                    GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, STATIC, HAS_PAD, SLIDING, SOFTCAP, CALIB, COLSUM_PASS, PRECISION,
-                )  # fmt: skip
-        for kb in range(band_lo, hi):
-            acc, acc_s, l_i, l_s, m_i = _block(
-                acc, acc_s, l_i, l_s, m_i, q, kb, b, kvh, row_h, qi, row_ok, st, sink_r, window_r, lse_r,
-                K, V, KEY_PAD, CALIB_SINKS, COLSUM, COLCNT, sm_scale, softcap, sliding_window,
-                stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, H, NK, D, h0,
-                GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, STATIC, HAS_PAD, SLIDING, SOFTCAP, CALIB, COLSUM_PASS, PRECISION,
-            )  # fmt: skip
+            n_sink = tl.maximum(tl.minimum((st0 + smax + BLOCK_N - 1) // BLOCK_N, band_lo) - sink_lo, 0)
+        n_iter = n_sink + tl.maximum(hi - band_lo, 0)
+    for j in range(0, n_iter):
+        if PATTERN == 2:
+            kb = tl.load(KV_INDEX + list_off * MAX_K + j)
+        else:
+            kb = tl.where(j < n_sink, sink_lo + j, band_lo + j - n_sink)
+        acc, acc_s, l_i, l_s, m_i = _block(
+            acc, acc_s, l_i, l_s, m_i, q, kb, b, kvh, row_h, qi, row_ok, st, sink_r, window_r, lse_r,
+            K, V, KEY_PAD, CALIB_SINKS, COLSUM, COLCNT, sm_scale, softcap, sliding_window,
+            stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, H, NK, D, h0,
+            GROUP, BLOCK_M, BLOCK_N, HEAD_DIM, STATIC, HAS_PAD, SLIDING, SOFTCAP, CALIB, COLSUM_PASS, PRECISION,
+        )  # fmt: skip
 
     if not COLSUM_PASS:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)

@@ -71,3 +71,13 @@ def oracle_attention(
                 P.zero_()
             out[b, h] = P @ vh
     return out
+
+
+def random_block_lists(shape, n_kb, gen):
+    """Block lists of shape `shape` (e.g. [B, H, QB]): a random count of distinct key blocks per list, sorted,
+    padded with the out-of-range id n_kb. Returns kv_count (int32) and kv_index (int32, [*shape, n_kb])."""
+    count = torch.randint(0, n_kb + 1, tuple(shape), generator=gen)
+    chosen = torch.stack([torch.randperm(n_kb, generator=gen) for _ in range(math.prod(shape))])
+    chosen = chosen.view(*shape, n_kb)
+    index = torch.where(torch.arange(n_kb) < count.unsqueeze(-1), chosen, n_kb).sort(-1).values.int()
+    return count.int(), index

@@ -14,6 +14,7 @@ from llmpatch.kernels import (
     reference,
     sink_window_attention,
 )
+from oracle import random_block_lists
 
 EXAMPLES = int(os.environ.get("LLMPATCH_HYPOTHESIS_EXAMPLES", "40"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True)
@@ -48,13 +49,8 @@ def problems(
         bs = draw(st.sampled_from(block_sizes))
         lists = draw(st.sampled_from([h, hkv]))  # per query head, or per KV head (GQA sharing)
         n_qb, n_kb = (nq + bs - 1) // bs, (nk + bs - 1) // bs
-        count = torch.randint(0, n_kb + 1, (b, lists, n_qb), generator=gen)
-        chosen = torch.stack([torch.randperm(n_kb, generator=gen) for _ in range(b * lists * n_qb)])
-        chosen = chosen.view(b, lists, n_qb, n_kb)
-        index = torch.where(torch.arange(n_kb) < count.unsqueeze(-1), chosen, 0).int()
-        index = torch.where(torch.arange(n_kb) < count.unsqueeze(-1), index.sort(-1).values, 0)
-        index = torch.where(torch.arange(n_kb) < count.unsqueeze(-1), chosen, n_kb).sort(-1).values.int()
-        kw.update(kv_count=count.int(), kv_index=index, block_size=bs)
+        count, index = random_block_lists((b, lists, n_qb), n_kb, gen)
+        kw.update(kv_count=count, kv_index=index, block_size=bs)
     if "mask" in kinds and draw(st.booleans()):
         kw["head_mask"] = torch.tensor([draw(st.integers(0, 2)) for _ in range(h)], dtype=torch.int8)
     if "calib" in kinds and draw(st.booleans()):
@@ -259,11 +255,9 @@ def decode_problems(draw):
         kw["calib_sinks"] = torch.rand(b, h, nk, generator=gen) < 0.2
     n_kb = (nk + bs - 1) // bs
     lists = draw(st.sampled_from([h, hkv]))
-    count = torch.randint(0, n_kb + 1, (b, lists), generator=gen)  # includes empty lists and empty splits
-    chosen = torch.stack([torch.randperm(n_kb, generator=gen) for _ in range(b * lists)]).view(b, lists, n_kb)
-    index = torch.where(torch.arange(n_kb) < count.unsqueeze(-1), chosen, n_kb).sort(-1).values.int()
+    count, index = random_block_lists((b, lists), n_kb, gen)  # includes empty lists and empty splits
     splits = draw(st.sampled_from([None, 1, 3, 8]))
-    return q, k, v, count.int(), index, bs, splits, kw
+    return q, k, v, count, index, bs, splits, kw
 
 
 @interpreter

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from llmpatch.kernels import dispatch, reference, sdpa
-from oracle import oracle_attention
+from oracle import oracle_attention, random_block_lists
 
 EXAMPLES = int(os.environ.get("LLMPATCH_HYPOTHESIS_EXAMPLES", "40"))  # raise it for a deeper search
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True)
@@ -39,13 +39,8 @@ def problems(draw, kinds=("static", "blocks", "mask", "calib")):
     if "blocks" in kinds and draw(st.booleans()):
         bs = draw(st.sampled_from([2, 4]))
         n_qb, n_kb = (nq + bs - 1) // bs, (nk + bs - 1) // bs
-        count = torch.randint(0, n_kb + 1, (b, h, n_qb), generator=gen)
-        # `count` random distinct blocks, sorted, padded with an out-of-range id
-        chosen = torch.stack([torch.randperm(n_kb, generator=gen) for _ in range(b * h * n_qb)]).view(
-            b, h, n_qb, n_kb
-        )
-        index = torch.where(torch.arange(n_kb) < count.unsqueeze(-1), chosen, n_kb).sort(-1).values.int()
-        kw.update(kv_count=count.int(), kv_index=index, block_size=bs)
+        count, index = random_block_lists((b, h, n_qb), n_kb, gen)
+        kw.update(kv_count=count, kv_index=index, block_size=bs)
     if "mask" in kinds and draw(st.booleans()):
         kw["head_mask"] = torch.tensor([draw(st.integers(0, 2)) for _ in range(h)], dtype=torch.int8)
     if "calib" in kinds and draw(st.booleans()):
