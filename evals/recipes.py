@@ -140,7 +140,10 @@ def load_recipe(path: str | Path) -> Recipe:
                 f"{where}.label",
                 f"{label!r} is taken (labels are unique; {BASELINE!r} is the baseline)",
             )
-        configs.append(MethodConfig(label, methods, params, entry.get("plan")))
+        plan = entry.get("plan")
+        if plan is not None and not Path(plan).is_absolute() and (Path(path).parent / plan).is_file():
+            plan = str(Path(path).parent / plan)  # relative to the recipe, else to the working directory
+        configs.append(MethodConfig(label, methods, params, plan))
     return Recipe(
         path=str(path),
         model=data["model"],

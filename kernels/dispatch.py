@@ -93,10 +93,9 @@ def attention_lse(q, k, v, *, backend: str | None = None, **kw) -> reference.Att
 
 
 def _reference_chunked(q, k, v, **kw):
-    """The reference over query-row chunks (exact: each chunk's keys end at its last query).
-
-    ACT needs column sums over all rows, so a calibrated call runs as one chunk.
-    """
+    """The reference over query-row chunks (exact: each chunk's keys end at its last query), so no call holds
+    more than ROW_CHUNK_ELEMENTS scores. ACT at prefill runs two passes: column sums over all chunks give the
+    sink set, then each chunk is calibrated with it."""
     b, h, nq, _ = q.shape
     nk = k.shape[2]
     calib = kw.get("calib")
@@ -104,18 +103,35 @@ def _reference_chunked(q, k, v, **kw):
     rows = max(1, ROW_CHUNK_ELEMENTS // max(1, nk * h))
     if kw.get("kv_index") is not None:
         rows = max(block, rows // block * block)  # chunks hold whole query blocks
-    if rows >= nq or (calib is not None and bool(calib.any())):
+    if rows >= nq:
         res = reference.attention(q, k, v, **kw)
         return res.out, res.calib_sinks
-    outs = []
-    for r0 in range(0, nq, rows):
-        r1 = min(nq, r0 + rows)
-        kend = nk - nq + r1
-        part = dict(kw)
-        if part.get("key_padding") is not None:
-            part["key_padding"] = part["key_padding"][:, :kend]
-        if part.get("kv_index") is not None:
-            part["kv_index"] = part["kv_index"][:, :, r0 // block : (r1 + block - 1) // block]
-            part["kv_count"] = part["kv_count"][:, :, r0 // block : (r1 + block - 1) // block]
-        outs.append(reference.attention(q[:, :, r0:r1], k[:, :, :kend], v[:, :, :kend], **part).out)
-    return torch.cat(outs, dim=2), None
+
+    def chunks(extra):
+        for r0 in range(0, nq, rows):
+            r1 = min(nq, r0 + rows)
+            kend = nk - nq + r1
+            part = {**kw, **extra}
+            if part.get("key_padding") is not None:
+                part["key_padding"] = part["key_padding"][:, :kend]
+            if part.get("kv_index") is not None:
+                part["kv_index"] = part["kv_index"][:, :, r0 // block : (r1 + block - 1) // block]
+                part["kv_count"] = part["kv_count"][:, :, r0 // block : (r1 + block - 1) // block]
+            if part.get("calib_sinks") is not None:
+                part["calib_sinks"] = part["calib_sinks"][..., :kend]
+            yield kend, reference.attention(q[:, :, r0:r1], k[:, :, :kend], v[:, :, :kend], **part)
+
+    sinks = kw.get("calib_sinks")
+    if calib is not None and bool(calib.any()) and sinks is None:
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        col_sum = torch.zeros(b, h, nk, dtype=acc, device=q.device)
+        col_count = torch.zeros(b, h, nk, dtype=torch.long, device=q.device)
+        for kend, (s, c) in chunks({"act_columns": True}):
+            col_sum[..., :kend] += s
+            col_count[..., :kend] += c
+        sinks = reference.find_sinks(col_sum, col_count, kw.get("calib_threshold", 0.1))
+    outs, used = [], None
+    for _, res in chunks({"calib_sinks": sinks} if sinks is not None else {}):
+        outs.append(res.out)
+        used = res.calib_sinks  # the last chunk sees every key
+    return torch.cat(outs, dim=2), used

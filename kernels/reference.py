@@ -86,6 +86,14 @@ def per_query_head(kv_count, kv_index, h: int):
     return kv_count, kv_index
 
 
+def find_sinks(col_sum: torch.Tensor, col_count: torch.Tensor, threshold: float) -> torch.Tensor:
+    """ACT's sink set [B, H, Nk] from column sums of A and the number of queries that see each key: mean
+    column score above `threshold`, minus the first such key (the initial sink is never calibrated)."""
+    sinks = col_sum / col_count.clamp(min=1) > threshold
+    first = torch.where(sinks.any(-1), sinks.float().argmax(-1), -1)
+    return sinks & (torch.arange(sinks.shape[-1], device=sinks.device) != first.unsqueeze(-1))
+
+
 def act_calibrate(probs, allowed, calib, beta: float, threshold: float, sinks=None):
     """ACT (METHODS.md §1) on post-softmax probabilities [B, H, Nq, Nk] for heads where calib[h] is True.
 
@@ -95,13 +103,7 @@ def act_calibrate(probs, allowed, calib, beta: float, threshold: float, sinks=No
     b, h, nq, nk = probs.shape
     heads = calib.view(1, h, 1).to(probs.device)
     if sinks is None:
-        counts = allowed.sum(dim=2).clamp(min=1)  # queries that can see key j
-        score = probs.sum(dim=2) / counts
-        sinks = score > threshold
-        first = torch.where(
-            sinks.any(-1), sinks.float().argmax(-1), -1
-        )  # the initial sink is never calibrated
-        sinks &= torch.arange(nk, device=probs.device).view(1, 1, nk) != first.unsqueeze(-1)
+        sinks = find_sinks(probs.sum(dim=2), allowed.sum(dim=2), threshold)
     else:
         sinks = sinks[..., :nk].to(torch.bool)
         if sinks.shape[-1] < nk:
@@ -135,7 +137,10 @@ def attention(
     calib_beta: float = 0.4,
     calib_threshold: float = 0.1,
     calib_sinks: torch.Tensor | None = None,
+    act_columns: bool = False,
 ) -> AttentionResult:
+    """Attention of q over k, v (see the module docstring). With `act_columns`, returns instead ACT's column
+    statistics before any calibration: (sum of A over rows, number of rows seeing each key), each [B, H, Nk]."""
     b, h, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     if h % hkv:
@@ -163,6 +168,8 @@ def attention(
     probs = torch.exp(scores - lse.unsqueeze(-1).clamp(min=-1e30))
     probs = torch.where(allowed, probs, torch.zeros_like(probs))
 
+    if act_columns:
+        return probs.sum(dim=2), allowed.sum(dim=2)
     used_sinks = None
     if calib is not None and bool(calib.any()):
         probs, used_sinks = act_calibrate(probs, allowed, calib, calib_beta, calib_threshold, calib_sinks)

@@ -168,6 +168,9 @@ def llmpatch_attention(
             density.computed_count(b, h, nq, nk, **{**kw, **dims}),
             density.causal_count(b, h, nq, nk, **dims),
         )
+    observer = decision.state.get("observer")
+    if observer is not None and not prefill:
+        observer(decision, query, key, mask, scaling)  # e.g. retrieval-head detection (argmax keys)
     out, sinks = dispatch.attention(query, key, value, backend=decision.backend, **kw)
     if decision.state.get("last_layer"):
         dispatch.release_caches()  # masks shared by the layers of one forward pass are not kept past it

@@ -301,6 +301,115 @@ def lm_eval_cmd(ctx: typer.Context):
     raise typer.Exit(lm_eval_main(ctx.args))
 
 
+calibrate_app = typer.Typer(no_args_is_help=True, help="Offline calibration that writes plans (schema v1).")
+app.add_typer(calibrate_app, name="calibrate")
+
+
+@calibrate_app.command("retrieval")
+def calibrate_retrieval_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="alias, HF id or path"),
+    lengths: str = typer.Option("1024,2048", "--lengths", help="comma-separated NIAH prompt lengths"),
+    depths: str = typer.Option("0.1,0.3,0.5,0.7,0.9", "--depths", help="comma-separated needle depths"),
+    samples: int = typer.Option(1, "--samples", min=1, help="samples per (length, depth)"),
+    seed: int = typer.Option(0, "--seed"),
+    haystack: Path = typer.Option(None, "--haystack", help="a text file to use as haystack"),
+    import_official: Path = typer.Option(
+        None,
+        "--import-official",
+        help="convert an official {'layer-head': [scores]} file instead of detecting",
+    ),
+    export_official: Path = typer.Option(None, "--export-official", help="also write the official format"),
+    out: Path = typer.Option(..., "--out", help="plan JSON to write (a heatmap PNG goes beside it)"),
+):
+    """Retrieval-head detection (copy-paste score over NIAH samples) -> plan with per-head scores."""
+    from . import adapters
+    from .calibrate import retrieval
+    from .evals.haystack import Haystack
+    from .models import load_model
+
+    try:
+        length_list, depth_list = _csv(lengths, int, "lengths"), _csv(depths, float, "depths")
+        m, tok = load_model(model, progress=err.print)
+        spec = adapters.detect(m)
+        if import_official is not None:
+            plan = retrieval.import_official(import_official, spec)
+            scores, counted = plan.methods[0]["params"]["scores"], None
+        else:
+            hay = Haystack(haystack) if haystack else None
+
+            def show(r):
+                err.print(f"  {r['prompt_tokens']} tokens, depth {r['depth']}: recall {r['rouge1_recall']:.2f}"
+                          f"{'' if r['counted'] else ' (not counted)'}: {r['output'][:60]!r}", highlight=False)  # fmt: skip
+
+            det = retrieval.detect(m, tok, length_list, depth_list, samples, seed, hay, progress=show)
+            scores, counted = det.scores, det.counted
+            plan = retrieval.to_plan(det, spec, calibration_data={
+                "suite": "niah", "lengths": length_list, "depths": depth_list, "samples": samples, "seed": seed,
+                "haystack": str(haystack) if haystack else "generated", "counted_samples": counted,
+                "per_sample": [{k: v for k, v in r.items() if k != "hits"} for r in det.samples]})  # fmt: skip
+        plan.save(out)
+        png = retrieval.heatmap(scores, out.with_suffix(".png"), f"{model}: retrieval scores")
+        if export_official is not None:
+            retrieval.export_official(scores, export_official)
+    except LlmpatchError as exc:
+        _fail(str(exc))
+    heads = sorted(((s, li, hi) for li, row in enumerate(scores) for hi, s in enumerate(row)), reverse=True)
+    strong = [h for h in heads if h[0] > retrieval.RETRIEVAL_THRESHOLD]
+    total = len(heads)
+    console.print(
+        f"{len(strong)} of {total} heads ({100 * len(strong) / total:.1f}%) score > "
+        f"{retrieval.RETRIEVAL_THRESHOLD}"
+        + (f" over {counted} counted samples" if counted is not None else ""),
+        highlight=False,
+    )
+    table = Table(title="top heads")
+    for col in ("layer", "head", "score"):
+        table.add_column(col, justify="right")
+    for s, li, hi in heads[:15]:
+        table.add_row(str(li), str(hi), f"{s:.3f}")
+    console.print(table)
+    console.print(f"wrote {out} and {png}" + (f" and {export_official}" if export_official else ""))
+
+
+@calibrate_app.command("act")
+def calibrate_act_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="alias, HF id or path"),
+    budget: int = typer.Option(48, "--budget", min=1, help="at most this many candidate heads are tried"),
+    train: int = typer.Option(48, "--train", min=2, help="training prompts (select heads)"),
+    heldout: int = typer.Option(96, "--heldout", min=2, help="held-out prompts (report)"),
+    beta: float = typer.Option(0.4, "--beta", help="ACT beta in [0, 1]"),
+    threshold: float = typer.Option(0.1, "--threshold", help="sink threshold > 0"),
+    seed: int = typer.Option(0, "--seed", help="train seed; the held-out split uses seed + 1"),
+    out: Path = typer.Option(..., "--out", help="plan JSON to write"),
+):
+    """ACT head search on a generated classification set (train split) -> plan; reports the held-out split."""
+    from . import adapters
+    from .calibrate import act
+    from .models import load_model
+
+    def show(t):
+        err.print(f"  head {t['head']} ({t['hidden_sinks']} hidden sinks): acc {t['accuracy']:.3f} "
+                  f"logp {t['label_logprob']:.4f}{'  kept' if t['kept'] else ''}", highlight=False)  # fmt: skip
+
+    try:
+        m, tok = load_model(model, progress=err.print)
+        res = act.search(m, tok, budget=budget, train=train, heldout=heldout, beta=beta, threshold=threshold,
+                         seed=seed, progress=show)  # fmt: skip
+        act.to_plan(res, adapters.detect(m)).save(out)
+    except LlmpatchError as exc:
+        _fail(str(exc))
+    table = Table(title=f"ACT on {model}: {len(res['heads'])} heads kept of {len(res['tried'])} tried "
+                        f"({res['total_s']:.0f} s)")  # fmt: skip
+    for col in ("split", "n", "baseline acc", "calibrated acc", "baseline logp", "calibrated logp"):
+        table.add_column(col, justify="right")
+    for split in ("train", "heldout"):
+        b, c = res[split]["baseline"], res[split]["calibrated"]
+        table.add_row(split, str(b["n"]), f"{b['accuracy']:.3f}", f"{c['accuracy']:.3f}",
+                      f"{b['label_logprob']:.4f}", f"{c['label_logprob']:.4f}")  # fmt: skip
+    console.print(table)
+    console.print(f"heads: {res['heads']}\nwrote {out}", highlight=False)
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks against dense SDPA (same machine, same run).")
 app.add_typer(bench_app, name="bench")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from . import attention, methods
@@ -139,19 +140,21 @@ def apply(
     routed = _route_overrides(names, overrides)
     instances = []
     for name in names:
-        params = loaded.params_for(name) if loaded is not None else {}
+        cls = methods.get(name)
+        params = loaded.params_for(name, cls.plan_entry) if loaded is not None else {}
         params.update(routed[name])
-        inst = methods.get(name).from_params(params)
+        inst = cls.from_params(params)
         inst.validate(spec)
         instances.append(inst)
-    layers = [
-        LayerDecision(
-            layer=i, num_heads=spec.num_heads, sliding_window=spec.sliding_window[i], backend=backend
-        )
-        for i in range(spec.num_layers)
-    ]
-    for inst in instances:
-        inst.configure(spec, layers)
+    with torch.inference_mode(False):  # decision tensors track versions (see attention._facts), also when
+        layers = [  # apply() is called under inference_mode
+            LayerDecision(
+                layer=i, num_heads=spec.num_heads, sliding_window=spec.sliding_window[i], backend=backend
+            )
+            for i in range(spec.num_layers)
+        ]
+        for inst in instances:
+            inst.configure(spec, layers)
     layers[-1].state["last_layer"] = True  # the attention function frees per-forward kernel caches after it
 
     # Validation is over: from here on the model changes, and any failure undoes it.

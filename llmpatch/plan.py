@@ -101,9 +101,12 @@ class Plan:
         ]
         raise PlanError("plan: made for another model (" + "; ".join(diffs[:4]) + ")")
 
-    def params_for(self, name: str) -> dict:
-        for m in self.methods:
-            if m["name"] == name:
-                return dict(m.get("params", {}))
+    def params_for(self, name: str, entry: str | None = None) -> dict:
+        """The params of method `name`, else of the shared `entry` (e.g. "retrieval_heads", read by both
+        retrieval methods)."""
+        for want in (name, entry):
+            for m in self.methods:
+                if want is not None and m["name"] == want:
+                    return dict(m.get("params", {}))
         have = [m["name"] for m in self.methods]
         raise PlanError(f"plan: has no entry for method {name!r}; it holds {have}")

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from ..errors import ParameterError
+from .act import Act
 from .base import Method
 from .dense import Dense
+from .retrieval_mask import RetrievalMask
 from .sink_window import SinkWindow
 
 REGISTRY: dict[str, type[Method]] = {
     Dense.name: Dense,
     SinkWindow.name: SinkWindow,
+    RetrievalMask.name: RetrievalMask,
+    Act.name: Act,
 }
 
 

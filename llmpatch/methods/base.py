@@ -42,6 +42,7 @@ def _type_ok(value, hint) -> bool:
 class Method:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    plan_entry: ClassVar[str | None] = None  # a shared plan entry to read when the plan has none by `name`
 
     @classmethod
     def from_params(cls, params: dict | None = None) -> Method:

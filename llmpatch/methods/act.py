@@ -1,0 +1,72 @@
+"""ACT, the Attention Calibration Technique: Yu et al. (ICML 2024), "Unveiling and Harnessing Hidden Attention
+Sinks: Enhancing LLMs without Training through Attention Calibration" (METHODS.md §1).
+
+For each calibrated head, online: column scores s_j = sum_i A_ij / (N - j); sinks S = {j : s_j > threshold}
+minus the first sink (never calibrated); each row scales its sink mass by `beta` and gives the freed mass to the
+non-sinks in proportion to their weight (rows still sum to 1).
+Defaults: beta 0.4, threshold 0.1 (absolute), heads from a plan written by `llmpatch calibrate act`.
+Departures from the official code (on purpose): batched and GQA-aware; a row whose mass is all in S is left
+unchanged (the official code divides by zero); on decode steps the sink set found at prefill is reused (absolute
+positions) and applied to the new row (`decode`, on by default); every model family, not only Llama.
+`heads="all"` calibrates every head of layers 2..L-2 (the official search space), for exploration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import ParameterError
+from .base import Method, param
+
+
+def search_space(spec) -> list[tuple[int, int]]:
+    """Layers 2..L-2, every query head (the official code's candidates)."""
+    return [(li, hi) for li in range(2, max(2, spec.num_layers - 1)) for hi in range(spec.num_heads)]
+
+
+@dataclasses.dataclass
+class Act(Method):
+    name = "act"
+    summary = "attention calibration: scale hidden attention sinks by beta in searched heads (ACT)"
+
+    heads: list | str | None = param(
+        None, "a list of [layer, head] pairs (from `llmpatch calibrate act`) or 'all' (layers 2..L-2)"
+    )
+    beta: float = param(0.4, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+    threshold: float = param(0.1, "a number > 0 (absolute column-score threshold)", lambda v: v > 0)
+    decode: bool = param(True, "true or false (reuse the prefill sinks on decode steps)")
+
+    def validate(self, spec):
+        self.selected(spec)
+
+    def selected(self, spec) -> list[tuple[int, int]]:
+        if self.heads is None:
+            raise ParameterError(
+                "act: parameter 'heads' is required: pass plan=act.json from `llmpatch calibrate act`, "
+                "heads=[[layer, head], ...], or heads='all' (every head of layers 2..L-2)"
+            )
+        if isinstance(self.heads, str):
+            if self.heads != "all":
+                raise ParameterError(f"act: parameter 'heads' must be a list of [layer, head] pairs or 'all', "
+                                     f"got {self.heads!r}")  # fmt: skip
+            return search_space(spec)
+        out = []
+        for pair in self.heads:
+            ok = isinstance(pair, (list, tuple)) and len(pair) == 2
+            ok = ok and all(isinstance(x, int) and not isinstance(x, bool) for x in pair)
+            if not ok or not (0 <= pair[0] < spec.num_layers and 0 <= pair[1] < spec.num_heads):
+                raise ParameterError(
+                    f"act: parameter 'heads' must hold [layer, head] pairs with layer in 0..{spec.num_layers - 1} "
+                    f"and head in 0..{spec.num_heads - 1}, got {pair!r}"
+                )
+            out.append((pair[0], pair[1]))
+        return sorted(set(out))
+
+    def configure(self, spec, layers):
+        for li, hi in self.selected(spec):
+            layer = layers[li]
+            layer.claim("calibration", self.name)
+            layer.calib[hi] = True
+            layer.calib_beta = float(self.beta)
+            layer.calib_threshold = float(self.threshold)
+            layer.calib_decode = self.decode
