@@ -130,6 +130,7 @@ def run_suite(
                             "peak_memory_mb": max((r["peak_memory_mb"] or 0) for r in cell) or None,
                             "answer_logprob": _mean(r.get("answer_logprob") for r in cell),
                             "density": tracker.density if tracker is not None else 1.0,
+                            "kv_saved": _kv_saved(cell),
                         }
                     )
                     records.extend(cell)
@@ -149,6 +150,15 @@ def run_suite(
     }
 
 
+def _kv_saved(records) -> float | None:
+    """Fraction of KV-cache bytes saved against the model's own cache, over the records (measured)."""
+    used = [r.get("kv_bytes") for r in records]
+    dense = [r.get("dense_kv_bytes") for r in records]
+    if None in used or None in dense or not sum(dense):
+        return None
+    return 1 - sum(used) / sum(dense)
+
+
 def summary_rows(result: dict) -> list[dict]:
     """One row per (config, length), averaged over depths: for tables and plots."""
     rows = []
@@ -162,13 +172,14 @@ def summary_rows(result: dict) -> list[dict]:
                     "length": n,
                     "n": sum(c["n"] for c in cells),
                     **{
-                        k: _mean(c[k] for c in cells)
+                        k: _mean(c.get(k) for c in cells)
                         for k in (
                             "accuracy",
                             "ttft_s",
                             "prefill_s",
                             "decode_tokens_per_s",
                             "density",
+                            "kv_saved",
                             "answer_logprob",
                         )  # fmt: skip
                     },
@@ -203,13 +214,14 @@ def _fmt(v, spec):
 
 def markdown_table(rows: list[dict]) -> str:
     head = (
-        "| suite | method | length | n | accuracy | density | TTFT s | prefill s | decode tok/s | peak MB |"
+        "| suite | method | length | n | accuracy | density | KV saved | TTFT s | prefill s | decode tok/s | "
+        "peak MB |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         lines.append(
             f"| {r['suite']} | {r['method']} | {r['length']} | {r['n']} | {_fmt(r['accuracy'], '.3f')} | "
-            f"{_fmt(r['density'], '.3f')} | {_fmt(r['ttft_s'], '.2f')} | {_fmt(r['prefill_s'], '.2f')} | "
+            f"{_fmt(r['density'], '.3f')} | {_fmt(r.get('kv_saved'), '.3f')} | {_fmt(r['ttft_s'], '.2f')} | {_fmt(r['prefill_s'], '.2f')} | "
             f"{_fmt(r['decode_tokens_per_s'], '.1f')} | {_fmt(r['peak_memory_mb'], '.0f')} |"
         )
     return "\n".join(lines)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kvcache
 from .errors import PatchStateError
 from .kernels import density, dispatch
 
@@ -171,7 +172,10 @@ def llmpatch_attention(
     observer = decision.state.get("observer")
     if observer is not None and not prefill:
         observer(decision, query, key, mask, scaling)  # e.g. retrieval-head detection (argmax keys)
-    out, sinks = dispatch.attention(query, key, value, backend=decision.backend, **kw)
+    if isinstance(key, kvcache.SplitKV):  # a per-KV-head compressed cache (retrieval_kv)
+        out, sinks = kvcache.split_attention(decision, query, key, mask, scaling, softcap, dispatch), None
+    else:
+        out, sinks = dispatch.attention(query, key, value, backend=decision.backend, **kw)
     if decision.state.get("last_layer"):
         dispatch.release_caches()  # masks shared by the layers of one forward pass are not kept past it
     if prefill and sinks is not None:

@@ -104,10 +104,12 @@ def model_one(
 ) -> dict:
     """One configuration in this process: prefill seconds (best of `repeats`), decode tokens/s, peak RSS."""
     from . import apply
+    from .kvcache import cache_argument, output_cache
     from .measure import PeakMemory
     from .models import load_model
 
     m, tok = load_model(model)
+    cache_arg = cache_argument(m)
     ids = _prompt_ids(tok, length)
     patch = apply(m, method, **params) if method else None
     best = math.inf
@@ -118,11 +120,11 @@ def model_one(
             t0 = time.perf_counter()
             out = m(ids, use_cache=True, logits_to_keep=1)
             best = min(best, time.perf_counter() - t0)
-        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
         t0 = time.perf_counter()
         for _ in range(decode_tokens):
-            out = m(nxt, past_key_values=cache, use_cache=True)
-            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = m(nxt, use_cache=True, **{cache_arg: cache})
+            cache, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
         decode = decode_tokens / (time.perf_counter() - t0)
     density = None
     if patch is not None:

@@ -183,13 +183,14 @@ def apply_cmd(
 def _print_rows(rows, title):
     table = Table(title=title)
     cols = [("suite", "suite", "{}"), ("method", "method", "{}"), ("length", "length", "{}"), ("n", "n", "{}"),
-            ("accuracy", "accuracy", "{:.3f}"), ("density", "density", "{:.3f}"), ("TTFT s", "ttft_s", "{:.2f}"),
+            ("accuracy", "accuracy", "{:.3f}"), ("density", "density", "{:.3f}"), ("KV saved", "kv_saved", "{:.3f}"),
+            ("TTFT s", "ttft_s", "{:.2f}"),
             ("prefill s", "prefill_s", "{:.2f}"), ("decode tok/s", "decode_tokens_per_s", "{:.1f}"),
             ("peak MB", "peak_memory_mb", "{:.0f}")]  # fmt: skip
     for head, _, _ in cols:
         table.add_column(head, justify="right" if head not in ("suite", "method") else "left")
     for r in rows:
-        table.add_row(*("-" if r[key] is None else fmt.format(r[key]) for _, key, fmt in cols))
+        table.add_row(*("-" if r.get(key) is None else fmt.format(r[key]) for _, key, fmt in cols))
     console.print(table)
 
 

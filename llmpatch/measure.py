@@ -86,6 +86,8 @@ class GenerationResult:
     prefill_s: float
     decode_tokens_per_s: float | None
     peak_memory_mb: float | None
+    kv_bytes: int | None = None  # what the KV cache held at the end
+    dense_kv_bytes: int | None = None  # what the model's own cache would hold for the same tokens
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,10 +108,15 @@ def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> G
                 do_sample=False,
                 streamer=clock,
                 pad_token_id=tokenizer.pad_token_id,
+                return_dict_in_generate=True,
             )
     finally:
         timer.close()
-    new = out[0, enc.input_ids.shape[1] :]
+    from .kvcache import dense_kv_bytes, kv_bytes, output_cache
+
+    cache = output_cache(out)
+    kv = (kv_bytes(cache), dense_kv_bytes(cache)) if cache is not None else (None, None)
+    new = out.sequences[0, enc.input_ids.shape[1] :]
     stamps = clock.times[1:]  # the first put() is the prompt
     ttft = stamps[0] - t0 if stamps else float("nan")
     rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
@@ -121,6 +128,8 @@ def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> G
         prefill_s=timer.seconds,
         decode_tokens_per_s=rate,
         peak_memory_mb=mem.mb,
+        kv_bytes=kv[0],
+        dense_kv_bytes=kv[1],
     )
 
 

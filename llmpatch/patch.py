@@ -170,12 +170,14 @@ def apply(
                 f"model: {type(model).__name__} does not dispatch attention through transformers' "
                 "AttentionInterface (set_attn_implementation had no effect), so llmpatch cannot patch it"
             )
+        undo = [u for u in (inst.install(model, spec, layers) for inst in instances) if u is not None]
     except Exception:
         for _, module in modules:
             module.__dict__.pop(LAYER_ATTR, None)
         model.set_attn_implementation(original)
         raise
     patch = Patch(model, spec, instances, layers, original, loaded)
+    patch._undo.extend(undo)
     model.__dict__[PATCH_ATTR] = patch
     return patch
 

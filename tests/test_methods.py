@@ -17,6 +17,7 @@ CONFIGS = {
     "sink_window": ({"sink": 0, "window": 10_000}, {"sink": 2, "window": 5}),
     "retrieval_mask": ({"heads": []}, {"heads": ALL_HEADS, "prefill": True}),
     "act": ({"heads": ALL_HEADS, "beta": 1.0}, {"heads": ALL_HEADS, "beta": 0.0, "threshold": 0.02}),
+    "retrieval_kv": ({"heads": ALL_HEADS}, {"heads": [[1, 0]], "sink": 2, "recent": 5}),
 }
 
 

@@ -94,6 +94,7 @@ class Detection:
 @torch.inference_mode()
 def score_sample(model, tokenizer, sample, needle: str, max_new_tokens: int) -> dict:
     """Greedy decode of one NIAH sample with argmax recording; per-head hit sums for this sample."""
+    from ..kvcache import cache_argument, output_cache
     from ..patch import current_patch
 
     patch = current_patch(model)
@@ -113,7 +114,9 @@ def score_sample(model, tokenizer, sample, needle: str, max_new_tokens: int) -> 
             if nxt in eos:
                 break
             out = model(
-                torch.tensor([[nxt]], device=device), past_key_values=out.past_key_values, use_cache=True
+                torch.tensor([[nxt]], device=device),
+                use_cache=True,
+                **{cache_argument(model): output_cache(out)},
             )
             nxt = int(out.logits[0, -1].argmax())
             for li, row in enumerate(recorder.rows):  # this step's argmax keys vs the token it generates

@@ -6,6 +6,7 @@ from ..errors import ParameterError
 from .act import Act
 from .base import Method
 from .dense import Dense
+from .retrieval_kv import RetrievalKV
 from .retrieval_mask import RetrievalMask
 from .sink_window import SinkWindow
 
@@ -14,6 +15,7 @@ REGISTRY: dict[str, type[Method]] = {
     SinkWindow.name: SinkWindow,
     RetrievalMask.name: RetrievalMask,
     Act.name: Act,
+    RetrievalKV.name: RetrievalKV,
 }
 
 

@@ -73,6 +73,11 @@ class Method:
     def configure(self, spec: ModelSpec, layers: list[LayerDecision]) -> None:
         raise NotImplementedError
 
+    def install(self, model, spec: ModelSpec, layers: list[LayerDecision]):
+        """Model-level wrappers or caches (after the attention implementation is set); returns an undo callback
+        or None. Most methods need none."""
+        return None
+
     @classmethod
     def describe_params(cls) -> list[tuple[str, object, str]]:
         return [(f.name, f.default, f.metadata.get("allowed", "")) for f in dataclasses.fields(cls)]

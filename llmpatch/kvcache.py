@@ -1,0 +1,222 @@
+"""A per-KV-head compressed cache: some KV heads keep every token, the others only sink + recent slots.
+
+Used by `retrieval_kv` (and meant for MoA's decode). It is a transformers cache *layer* (`SplitLayer`) placed into
+the model's own `DynamicCache`, so generate(), cache positions and masks work unchanged:
+- `full` KV heads hold [B, F, N, D] as a DynamicLayer would;
+- `comp` KV heads hold only the slots some row still needs: slots before max(start) + sink (each row's first
+  `sink` real tokens; left padding makes the union a little wider) and the last `recent` slots. `comp_pos`
+  records which slot each kept entry is. Pruning runs after each attention call, once at least `PRUNE_EVERY`
+  entries can go, so its copies are amortised; memory is bounded by sink + recent + PRUNE_EVERY (+ padding).
+- `update()` returns `SplitKV` handles instead of tensors; llmpatch's attention function recognises them and
+  attends per group: full heads densely, compressed heads through the analytic sink + window pattern while the
+  slots are still contiguous, and through an explicit small attention over the kept slots after pruning.
+The query heads of a GQA group share their KV head, so a KV head stays full if any of its query heads must.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+PRUNE_EVERY = 64
+
+
+class SplitKV:
+    """What a SplitLayer's update() hands to the attention function (the key and the value slot)."""
+
+    def __init__(self, layer: SplitLayer, shape):
+        self.layer = layer
+        self.shape = shape  # [B, Hkv, seen, D]: looks like the dense cache to shape-reading code
+
+
+class SplitLayer(DynamicLayer):
+    def __init__(self, num_kv_heads: int, full: list[int], sink: int, recent: int):
+        super().__init__()
+        self.num_kv_heads = num_kv_heads
+        self.full_idx = torch.tensor(sorted(full), dtype=torch.long)
+        self.comp_idx = torch.tensor([i for i in range(num_kv_heads) if i not in set(full)], dtype=torch.long)
+        self.sink, self.recent = sink, recent
+        self.seen = 0
+        self.contiguous = True  # comp still holds every slot 0..seen-1
+
+    def lazy_initialization(self, key_states, value_states):
+        super().lazy_initialization(key_states, value_states)
+        self.comp_k = self.comp_v = None
+        self.comp_pos = torch.zeros(0, dtype=torch.long, device=self.device)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        fi, ci = self.full_idx.to(self.device), self.comp_idx.to(self.device)
+        self.keys = (
+            torch.cat([self.keys, key_states[:, fi]], dim=-2) if self.keys.numel() else key_states[:, fi]
+        )
+        self.values = (
+            torch.cat([self.values, value_states[:, fi]], dim=-2)
+            if self.values.numel()
+            else value_states[:, fi]
+        )
+        ck, cv = key_states[:, ci], value_states[:, ci]
+        self.comp_k = ck if self.comp_k is None else torch.cat([self.comp_k, ck], dim=-2)
+        self.comp_v = cv if self.comp_v is None else torch.cat([self.comp_v, cv], dim=-2)
+        self.comp_pos = torch.cat([self.comp_pos, torch.arange(self.seen, self.seen + n, device=self.device)])
+        self.seen += n
+        handle = SplitKV(self, (key_states.shape[0], self.num_kv_heads, self.seen, key_states.shape[-1]))
+        return handle, handle
+
+    def prune(self, start: torch.Tensor | None) -> None:
+        """Drop compressed slots no later query can see (called after the layer's attention)."""
+        first = 0 if start is None else int(start.max())
+        keep = (self.comp_pos < first + self.sink) | (self.comp_pos > self.seen - self.recent)
+        if int((~keep).sum()) < PRUNE_EVERY:
+            return
+        idx = keep.nonzero().squeeze(-1)
+        self.comp_k, self.comp_v = self.comp_k[:, :, idx].clone(), self.comp_v[:, :, idx].clone()
+        self.comp_pos = self.comp_pos[idx]
+        self.contiguous = False
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def kv_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        parts = [self.keys, self.values, self.comp_k, self.comp_v]
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("retrieval_kv: its compressed cache cannot be cropped (assisted decoding)")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.keys, self.values = self.keys[indices], self.values[indices]
+            self.comp_k, self.comp_v = self.comp_k[indices], self.comp_v[indices]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            rep = lambda t: t.repeat_interleave(repeats, dim=0)  # noqa: E731
+            self.keys, self.values, self.comp_k, self.comp_v = map(rep, (self.keys, self.values, self.comp_k,
+                                                                         self.comp_v))  # fmt: skip
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        self.batch_select_indices(beam_idx.to(self.device))
+
+
+def kv_bytes(cache: Cache) -> int:
+    total = 0
+    for layer in cache.layers:
+        if isinstance(layer, SplitLayer):
+            total += layer.kv_bytes()
+        elif getattr(layer, "is_initialized", False):
+            total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+    return total
+
+
+def dense_kv_bytes(cache: Cache) -> int:
+    """What the model's own DynamicCache would hold for the same tokens (sliding layers as they are)."""
+    total = 0
+    for layer in cache.layers:
+        if isinstance(layer, SplitLayer):
+            if layer.is_initialized:
+                t = layer.keys if layer.keys.numel() else layer.comp_k
+                total += 2 * t.shape[0] * layer.num_kv_heads * layer.seen * t.shape[-1] * t.element_size()
+        elif getattr(layer, "is_initialized", False):
+            total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+    return total
+
+
+def _pos_attention(q, k, v, pos, seen, start, key_padding, sink, window, scale, softcap):
+    """Attention of the last nq slots over kept compressed slots `pos`, with the sink + window rule in token
+    positions. q [B, Hq, nq, D]; k, v [B, Hc, L, D]; fully masked rows give 0."""
+    b, hq, nq, d = q.shape
+    hc = k.shape[1]
+    g = hq // hc
+    qslot = torch.arange(seen - nq, seen, device=q.device)
+    st = torch.zeros(b, dtype=torch.long, device=q.device) if start is None else start.to(q.device)
+    tok = pos.view(1, 1, -1) - st.view(b, 1, 1)  # key token positions per row
+    allowed = (pos.view(1, 1, -1) <= qslot.view(1, -1, 1)) & (tok >= 0)
+    allowed &= (tok < sink) | (qslot.view(1, -1, 1) - pos.view(1, 1, -1) < window)
+    if key_padding is not None:
+        allowed &= key_padding.to(q.device)[:, pos].unsqueeze(1)
+    scores = torch.einsum("bkgqd,bknd->bkgqn", q.float().view(b, hc, g, nq, d), k.float()) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~allowed.view(b, 1, 1, nq, -1), float("-inf"))
+    probs = torch.softmax(scores, -1).nan_to_num(0.0)
+    out = torch.einsum("bkgqn,bknd->bkgqd", probs, v.float())
+    return out.reshape(b, hq, nq, v.shape[-1]).to(q.dtype)
+
+
+def split_attention(decision, query, handle: SplitKV, mask, scale, softcap, dispatch) -> torch.Tensor:
+    layer = handle.layer
+    b, h, nq, d = query.shape
+    g = h // layer.num_kv_heads
+    scale = d**-0.5 if scale is None else scale
+    out = query.new_empty(b, h, nq, layer.keys.shape[-1] if layer.keys.numel() else layer.comp_v.shape[-1])
+    common = dict(scale=scale, softcap=softcap, start=mask.start, key_padding=mask.key_padding,
+                  sliding_window=decision.sliding_window, backend=decision.backend)  # fmt: skip
+    for idx, is_full in ((layer.full_idx, True), (layer.comp_idx, False)):
+        if not idx.numel():
+            continue
+        qi = (idx.view(-1, 1) * g + torch.arange(g).view(1, -1)).flatten().to(query.device)
+        q = query[:, qi]
+        if is_full:
+            o, _ = dispatch.attention(q, layer.keys, layer.values, **common)
+        elif layer.contiguous:
+            sink, window = (
+                decision.sink[qi.cpu()].to(query.device),
+                decision.window[qi.cpu()].to(query.device),
+            )
+            o, _ = dispatch.attention(q, layer.comp_k, layer.comp_v, sink=sink, window=window, **common)
+        else:
+            o = _pos_attention(q, layer.comp_k, layer.comp_v, layer.comp_pos, layer.seen, mask.start,
+                               mask.key_padding, layer.sink, layer.recent, scale, softcap)  # fmt: skip
+        out[:, qi] = o
+    layer.prune(mask.start)
+    return out
+
+
+def cache_argument(model) -> str:
+    """The name of the forward's cache keyword ('cache' in recent transformers, 'past_key_values' before)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out):
+    """The cache in a model or generate() output ('cache' in recent transformers, 'past_key_values' before)."""
+    return out["cache"] if "cache" in out else out.get("past_key_values")
+
+
+def install(model, make_layers) -> callable:
+    """Put SplitLayers (from `make_layers()`: {layer index: SplitLayer factory}) into every fresh DynamicCache
+    the model runs with; returns the undo callback."""
+    name = cache_argument(model)
+
+    def convert(cache):
+        for i, factory in make_layers().items():
+            if i < len(cache.layers) and type(cache.layers[i]) is DynamicLayer:
+                cache.layers[i] = factory()
+        return cache
+
+    def hook(module, args, kwargs):
+        cache = kwargs.get(name)
+        if cache is None:
+            for key in ("cache", "past_key_values"):
+                cache = kwargs.get(key) if cache is None else cache
+        if isinstance(cache, DynamicCache):
+            if cache.get_seq_length() == 0:
+                convert(cache)
+            return args, kwargs
+        use = kwargs.get("use_cache")
+        if cache is None and (use if use is not None else getattr(model.config, "use_cache", True)):
+            kwargs[name] = convert(DynamicCache(config=model.config))
+        return args, kwargs
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    return handle.remove

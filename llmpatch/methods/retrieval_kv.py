@@ -1,0 +1,110 @@
+"""Retrieval-head KV compression, as in DuoAttention / RazorAttention and the retrieval-head paper's discussion
+(Wu et al., 2024; METHODS.md §5): retrieval heads keep their full KV cache, the other heads keep sink + recent.
+
+Heads: the `top_k` best-scoring query heads of a retrieval plan (`llmpatch calibrate retrieval`), or those above
+`threshold` when `top_k` is not given, or an explicit `heads` list. GQA: query heads share a KV head, so a KV head
+stays full when any of its query heads is kept (its whole group is then full); `describe()` and
+`kv_report()` say how many KV heads that is.
+Defaults: sink 64, recent 256 (DuoAttention's deployment). Compressed heads use sink + window(recent) attention on
+the prompt too, so prefill and decode see the same pattern. Layers with the model's own sliding window are left
+dense (their cache is already bounded). The saving is real: a per-KV-head cache layer (`llmpatch.kvcache`) stores
+only what the pattern reads; `kv_report()` measures it against the dense cache. Does not compose with other
+methods that set attention decisions (act, retrieval_mask) yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .. import kvcache
+from ..errors import ParameterError
+from .base import Method, param
+from .retrieval_mask import check_scores, ranked_heads
+
+
+@dataclasses.dataclass
+class RetrievalKV(Method):
+    name = "retrieval_kv"
+    plan_entry = "retrieval_heads"
+    summary = (
+        "retrieval heads keep the full KV cache, the other heads keep sink + recent (real memory saving)"
+    )
+
+    scores: list | None = param(None, "a layers x heads list of retrieval scores (a retrieval plan)")
+    top_k: int | None = param(
+        None, "an int >= 0 (keep the K best-scoring query heads in full)", lambda v: v >= 0
+    )
+    heads: list | None = param(None, "a list of [layer, head] pairs to keep in full")
+    threshold: float = param(0.1, "a number > 0 (keep heads scoring above it when top_k is not given)",
+                             lambda v: v > 0)  # fmt: skip
+    sink: int = param(64, "an int >= 0", lambda v: v >= 0)
+    recent: int = param(256, "an int >= 1", lambda v: v >= 1)
+
+    def validate(self, spec):
+        self.full_kv_heads(spec)
+
+    def kept(self, spec) -> list[tuple[int, int]]:
+        if self.heads is not None:
+            if self.top_k is not None:
+                raise ParameterError("retrieval_kv: give 'top_k' or 'heads', not both")
+            out = []
+            for p in self.heads:
+                ok = isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, int) for x in p)
+                if not ok or not (0 <= p[0] < spec.num_layers and 0 <= p[1] < spec.num_heads):
+                    raise ParameterError(
+                        f"retrieval_kv: parameter 'heads' must hold [layer, head] pairs with layer in "
+                        f"0..{spec.num_layers - 1} and head in 0..{spec.num_heads - 1}, got {p!r}"
+                    )
+                out.append((p[0], p[1]))
+            return out
+        if self.scores is None:
+            raise ParameterError(
+                "retrieval_kv: needs per-head scores: pass plan=heads.json from `llmpatch calibrate retrieval` "
+                "(or scores=...), or list the heads to keep with heads=[[layer, head], ...]"
+            )
+        check_scores(self.name, self.scores, spec)
+        total = spec.num_layers * spec.num_heads
+        if self.top_k is not None:
+            if self.top_k > total:
+                raise ParameterError(
+                    f"retrieval_kv: parameter 'top_k' must be in 0..{total}, got {self.top_k}"
+                )
+            return ranked_heads(self.scores)[: self.top_k]
+        return [p for p in ranked_heads(self.scores) if self.scores[p[0]][p[1]] > self.threshold]
+
+    def full_kv_heads(self, spec) -> dict[int, list[int]]:
+        """{layer: KV heads kept in full} for the layers that are compressed (no own sliding window)."""
+        g = spec.num_heads // spec.num_kv_heads
+        full = {i: set() for i in range(spec.num_layers) if spec.sliding_window[i] is None}
+        for li, hi in self.kept(spec):
+            if li in full:
+                full[li].add(hi // g)
+        return {i: sorted(s) for i, s in full.items()}
+
+    def configure(self, spec, layers):
+        g = spec.num_heads // spec.num_kv_heads
+        self._spec = spec
+        for li, full in self.full_kv_heads(spec).items():
+            layer = layers[li]
+            for kind in ("calibration", "head mask"):  # the split cache path does not apply them yet
+                layer.claim(kind, self.name)
+            sink = [0 if h // g in full else self.sink for h in range(spec.num_heads)]
+            window = [-1 if h // g in full else self.recent for h in range(spec.num_heads)]
+            layer.set_static(self.name, sink, window)
+
+    def install(self, model, spec, layers):
+        plan = self.full_kv_heads(spec)
+
+        def make():
+            return {i: (lambda f=f: kvcache.SplitLayer(spec.num_kv_heads, f, self.sink, self.recent))
+                    for i, f in plan.items()}  # fmt: skip
+
+        return kvcache.install(model, make)
+
+    def kv_report(self, cache) -> dict:
+        """Bytes this cache holds against the model's own dense cache for the same tokens."""
+        used, dense = kvcache.kv_bytes(cache), kvcache.dense_kv_bytes(cache)
+        full = self.full_kv_heads(self._spec)
+        return {"kv_bytes": used, "dense_kv_bytes": dense, "saved": 1 - used / dense if dense else 0.0,
+                "full_kv_heads": sum(len(f) for f in full.values()),
+                "kv_heads": self._spec.num_layers * self._spec.num_kv_heads}  # fmt: skip

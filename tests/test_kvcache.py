@@ -1,0 +1,98 @@
+"""The per-KV-head compressed cache: decoding from it gives the same tokens as the masked pattern over a full
+cache, it really holds fewer bytes, and it goes away with remove()."""
+
+import pytest
+import torch
+
+import llmpatch
+from llmpatch import kvcache
+from llmpatch.testing import FAMILIES, tiny_model
+from tests.test_parity import PROMPTS, left_pad
+
+
+def sink_window_twin(model, full_pairs, sink, recent):
+    """The same per-head pattern as retrieval_kv, through sink_window's analytic masks over the full cache."""
+    spec = llmpatch.detect(model)
+    g = spec.num_heads // spec.num_kv_heads
+    full = {(li, hi // g) for li, hi in full_pairs}
+    sinks, windows = [], []
+    for li in range(spec.num_layers):
+        dense = spec.sliding_window[li] is not None
+        keep = [dense or (li, h // g) in full for h in range(spec.num_heads)]
+        sinks.append([0 if k else sink for k in keep])
+        windows.append([-1 if k else recent for k in keep])
+    return sinks, windows
+
+
+@pytest.fixture
+def prune_often(monkeypatch):
+    monkeypatch.setattr(kvcache, "PRUNE_EVERY", 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compressed_decode_matches_masked_full_cache(family, prune_often):
+    model = tiny_model(family)
+    ids, mask = left_pad(PROMPTS)
+    heads = [[0, 1], [2, 3]]
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    with llmpatch.patched(model, "retrieval_kv", heads=heads, sink=2, recent=4):
+        got = model.generate(ids, attention_mask=mask, **kw)
+        single = model.generate(torch.tensor([PROMPTS[1]]), **kw)
+    want = []
+    sinks, windows = sink_window_twin(model, heads, 2, 4)
+    spec = llmpatch.detect(model)
+    with llmpatch.patched(model, "dense") as p:
+        for layer in p.layers:
+            layer.sink = torch.tensor(sinks[layer.layer])
+            layer.window = torch.tensor(windows[layer.layer])
+        want = model.generate(ids, attention_mask=mask, **kw)
+        want_single = model.generate(torch.tensor([PROMPTS[1]]), **kw)
+    assert torch.equal(got, want)
+    assert torch.equal(single, want_single)
+    assert spec.num_layers == 3
+
+
+def test_cache_holds_fewer_bytes_and_reports_them():
+    model = tiny_model("llama")
+    x = torch.tensor([list(range(3, 103))])  # 100 tokens
+    with llmpatch.patched(model, "retrieval_kv", heads=[[0, 0]], sink=4, recent=8) as p:
+        out = model(x, use_cache=True)
+        cache = kvcache.output_cache(out)
+        assert any(isinstance(layer, kvcache.SplitLayer) for layer in cache.layers)
+        report = p.methods[0].kv_report(cache)
+    spec = llmpatch.detect(model)
+    dense = 2 * spec.num_layers * spec.num_kv_heads * 100 * spec.head_dim * 4
+    assert report["dense_kv_bytes"] == dense
+    # layer 0 keeps KV head 0 in full (100 slots); every other KV head keeps 4 + 8 slots (+ < PRUNE_EVERY)
+    assert report["kv_bytes"] < 0.5 * dense and report["saved"] > 0.5
+    assert report["full_kv_heads"] == 1
+    after = kvcache.output_cache(model(x, use_cache=True))
+    assert not any(isinstance(layer, kvcache.SplitLayer) for layer in after.layers)
+
+
+@pytest.mark.parametrize(
+    "params,match",
+    [
+        ({"top_k": 2}, "needs per-head scores"),
+        ({"heads": [[0, 9]]}, "head in 0..3"),
+        ({"heads": [[0, 0]], "recent": 0}, "'recent' must be an int >= 1"),
+        ({"heads": [[0, 0]], "sink": -1}, "'sink' must be an int >= 0"),
+        ({"heads": [[0, 0]], "top_k": 1}, "not both"),
+        ({"scores": [[0.5] * 4] * 3, "top_k": 13}, "'top_k' must be in 0..12"),
+    ],
+)
+def test_bad_retrieval_kv_input(params, match):
+    model = tiny_model("llama")
+    with pytest.raises(llmpatch.errors.ParameterError, match=match):
+        llmpatch.apply(model, "retrieval_kv", **params)
+    assert llmpatch.current_patch(model) is None and not model._forward_pre_hooks
+
+
+def test_retrieval_kv_does_not_compose_with_act():
+    with pytest.raises(llmpatch.errors.ParameterError, match="both set the calibration decision"):
+        llmpatch.apply(
+            tiny_model("llama"),
+            ["retrieval_kv", "act"],
+            retrieval_kv={"heads": [[0, 0]]},
+            act={"heads": [[1, 1]]},
+        )
