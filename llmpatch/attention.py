@@ -171,7 +171,7 @@ def llmpatch_attention(
         )
     observer = decision.state.get("observer")
     if observer is not None and not prefill:
-        observer(decision, query, key, mask, scaling)  # e.g. retrieval-head detection (argmax keys)
+        observer(decision, query, key, mask, scaling, softcap)  # e.g. retrieval-head detection
     if isinstance(key, kvcache.SplitKV):  # a per-KV-head compressed cache (retrieval_kv)
         out, sinks = kvcache.split_attention(decision, query, key, mask, scaling, softcap, dispatch), None
     else:

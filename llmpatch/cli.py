@@ -347,7 +347,7 @@ def calibrate_retrieval_cmd(
             plan = retrieval.to_plan(det, spec, calibration_data={
                 "suite": "niah", "lengths": length_list, "depths": depth_list, "samples": samples, "seed": seed,
                 "haystack": str(haystack) if haystack else "generated", "counted_samples": counted,
-                "per_sample": [{k: v for k, v in r.items() if k != "hits"} for r in det.samples]})  # fmt: skip
+                "per_sample": [{k: v for k, v in r.items() if k not in ("hits", "mass")} for r in det.samples]})  # fmt: skip
         plan.save(out)
         png = retrieval.heatmap(scores, out.with_suffix(".png"), f"{model}: retrieval scores")
         if export_official is not None:

@@ -103,3 +103,25 @@ def test_scores_from_another_model_are_refused():
 def test_top_k_needs_scores():
     with pytest.raises(ParameterError, match="calibrate retrieval"):
         llmpatch.apply(tiny_model("llama"), "retrieval_mask", top_k=1)
+
+
+def test_mass_score_ranking_and_its_errors():
+    model = tiny_model("llama")
+    spec = llmpatch.detect(model)
+    copy, mass = scores_for(spec, [(0, 0, 0.9)]), scores_for(spec, [(2, 3, 0.8)])
+    by_mass = REGISTRY["retrieval_mask"](scores=copy, mass_scores=mass, score="mass", top_k=1).selected(spec)
+    assert by_mass == [(2, 3)]
+    kv = REGISTRY["retrieval_kv"](scores=copy, mass_scores=mass, score="mass", top_k=1)
+    assert kv.full_kv_heads(spec)[2] == [1]  # query head 3 of 4 sits in KV head 1 of 2
+    with pytest.raises(ParameterError, match="needs 'mass_scores'"):
+        REGISTRY["retrieval_kv"](scores=copy, score="mass", top_k=1).kept(spec)
+
+
+def test_recorder_mass_is_the_probability_on_the_needle():
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 4, 1, 8, generator=gen), torch.randn(1, 2, 10, 8, generator=gen)
+    rec = retrieval._Recorder(1, 3, 6)
+    rec(LayerDecision(layer=0, num_heads=4), q, k, CompactMask(0, None, None), None)
+    eye = torch.eye(10).expand(1, 2, 10, 10)
+    probs = reference.attention(q, k, eye).out[0, :, 0]
+    torch.testing.assert_close(rec.mass[0], probs[:, 3:6].sum(-1))

@@ -31,6 +31,12 @@ PLAN_ENTRY = "retrieval_heads"
 
 def top_keys(query, key, mask, decision, scale) -> torch.Tensor:
     """[B, H] absolute key slot each query head attends to most on this decode step (the last query row)."""
+    b, h = query.shape[:2]
+    return last_row_scores(query, key, mask, decision, scale).argmax(-1).view(b, h) + mask.kv_offset
+
+
+def last_row_scores(query, key, mask, decision, scale, softcap=None) -> torch.Tensor:
+    """[B, Hkv, G, Nk] attention logits of the last query row, -inf where the key is not visible."""
     b, h, _, d = query.shape
     hkv, nk = key.shape[1], key.shape[2]
     q = query[:, :, -1].float().view(b, hkv, h // hkv, d)
@@ -43,18 +49,25 @@ def top_keys(query, key, mask, decision, scale) -> torch.Tensor:
         invalid |= ~mask.key_padding.to(key.device)
     if decision.sliding_window is not None:
         invalid |= (nk - 1 - j).unsqueeze(0) >= decision.sliding_window
-    scores.masked_fill_(invalid[:, None, None, :], float("-inf"))
-    return scores.argmax(-1).view(b, h) + mask.kv_offset
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    return scores.masked_fill_(invalid[:, None, None, :], float("-inf"))
 
 
 class _Recorder:
-    """Collects each layer's argmax key slots for one decode step."""
+    """Collects, per layer for one decode step, each head's argmax key slot and its attention mass on the
+    needle span [s0, s1) (absolute slots)."""
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, s0: int, s1: int):
         self.rows: list[torch.Tensor | None] = [None] * num_layers
+        self.mass: list[torch.Tensor | None] = [None] * num_layers
+        self.span = (s0, s1)
 
-    def __call__(self, decision, query, key, mask, scale):
-        self.rows[decision.layer] = top_keys(query, key, mask, decision, scale)[0]
+    def __call__(self, decision, query, key, mask, scale, softcap=None):
+        scores = last_row_scores(query, key, mask, decision, scale, softcap)[0].flatten(0, 1)  # [H, Nk]
+        self.rows[decision.layer] = scores.argmax(-1) + mask.kv_offset
+        lo, hi = (max(0, x - mask.kv_offset) for x in self.span)
+        self.mass[decision.layer] = torch.softmax(scores, -1)[:, lo:hi].sum(-1)
 
 
 def needle_span(tokenizer, prompt: str, needle: str) -> tuple[list[int], int, int]:
@@ -77,8 +90,11 @@ def rouge1_recall(reference: str, output: str) -> float:
 
 @dataclass
 class Detection:
-    scores: list[list[float]]  # [layers][heads], mean over counted samples
-    samples: list[dict] = field(default_factory=list)  # per sample: length, depth, counted, output, per-head
+    scores: list[list[float]]  # [layers][heads], the copy-paste score: mean over counted samples
+    samples: list[dict] = field(default_factory=list)
+    mass_scores: list[list[float]] | None = (
+        None  # mean attention mass on the needle while answering  # per sample: length, depth, counted, output, per-head
+    )
 
     @property
     def counted(self) -> int:
@@ -99,9 +115,11 @@ def score_sample(model, tokenizer, sample, needle: str, max_new_tokens: int) -> 
 
     patch = current_patch(model)
     ids, s0, s1 = needle_span(tokenizer, sample.prompt, needle)
-    recorder = _Recorder(len(patch.layers))
+    recorder = _Recorder(len(patch.layers), s0, s1)
     num_heads = patch.spec.num_heads
     hits = torch.zeros(len(patch.layers), num_heads)
+    mass = torch.zeros(len(patch.layers), num_heads)
+    steps = 0
     device = model.device
     out = model(torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
     nxt = int(out.logits[0, -1].argmax())
@@ -124,6 +142,8 @@ def score_sample(model, tokenizer, sample, needle: str, max_new_tokens: int) -> 
                 inside = (pos >= s0) & (pos < s1)
                 tok = torch.tensor([ids[p] if s0 <= p < s1 else -1 for p in pos.tolist()])
                 hits[li] += (inside & (tok == nxt)).float() / (s1 - s0)
+                mass[li] += recorder.mass[li].cpu()
+            steps += 1
             generated.append(nxt)
     finally:
         for layer in patch.layers:
@@ -132,7 +152,7 @@ def score_sample(model, tokenizer, sample, needle: str, max_new_tokens: int) -> 
     recall = rouge1_recall(needle, text)
     return {"length": sample.length, "depth": sample.depth, "prompt_tokens": len(ids), "output": text,
             "rouge1_recall": recall, "counted": recall > 0.5, "needle_tokens": s1 - s0,
-            "hits": hits.tolist()}  # fmt: skip
+            "hits": hits.tolist(), "mass": (mass / max(steps, 1)).tolist()}  # fmt: skip
 
 
 def _as_list(x):
@@ -151,7 +171,7 @@ def detect(model, tokenizer, lengths=(1024, 2048), depths=(0.1, 0.3, 0.5, 0.7, 0
         raise ParameterError(f"samples: must be an int >= 1, got {samples!r}")
     suite = Niah()
     patch = apply(model, "dense")
-    records, total = [], None
+    records, total, mass = [], None, None
     try:
         for n in lengths:
             for d in depths:
@@ -167,16 +187,19 @@ def detect(model, tokenizer, lengths=(1024, 2048), depths=(0.1, 0.3, 0.5, 0.7, 0
                     )
                     records.append(rec)
                     if rec["counted"]:
-                        h = torch.tensor(rec["hits"])
+                        h, w = torch.tensor(rec["hits"]), torch.tensor(rec["mass"])
                         total = h if total is None else total + h
+                        mass = w if mass is None else mass + w
                     if progress:
                         progress(rec)
     finally:
         patch.remove()
     spec = patch.spec
     counted = sum(r["counted"] for r in records)
-    mean = (total / counted) if counted else torch.zeros(spec.num_layers, spec.num_heads)
-    return Detection([[round(float(x), 6) for x in row] for row in mean], records)
+    zeros = torch.zeros(spec.num_layers, spec.num_heads)
+    as_list = lambda t: [[round(float(x), 6) for x in row] for row in t]  # noqa: E731
+    return Detection(as_list(total / counted if counted else zeros), records,
+                     as_list(mass / counted if counted else zeros))  # fmt: skip
 
 
 def to_plan(detection: Detection, spec, **prov):
@@ -185,7 +208,9 @@ def to_plan(detection: Detection, spec, **prov):
 
     return Plan(
         model=spec.fingerprint(),
-        methods=[{"name": PLAN_ENTRY, "params": {"scores": detection.scores}}],
+        methods=[
+            {"name": PLAN_ENTRY, "params": {"scores": detection.scores, "mass_scores": detection.mass_scores}}
+        ],  # fmt: skip
         provenance=provenance(**prov),
     )
 

@@ -1,7 +1,8 @@
 """Retrieval-head KV compression, as in DuoAttention / RazorAttention and the retrieval-head paper's discussion
 (Wu et al., 2024; METHODS.md §5): retrieval heads keep their full KV cache, the other heads keep sink + recent.
 
-Heads: the `top_k` best-scoring query heads of a retrieval plan (`llmpatch calibrate retrieval`), or those above
+Heads: the `top_k` best-scoring query heads (by `score`: "copy", the paper's copy-paste score, or "mass", the
+attention mass on the needle while answering) of a retrieval plan (`llmpatch calibrate retrieval`), or those above
 `threshold` when `top_k` is not given, or an explicit `heads` list. GQA: query heads share a KV head, so a KV head
 stays full when any of its query heads is kept (its whole group is then full); `describe()` and
 `kv_report()` say how many KV heads that is.
@@ -19,7 +20,7 @@ import dataclasses
 from .. import kvcache
 from ..errors import ParameterError
 from .base import Method, param
-from .retrieval_mask import check_scores, ranked_heads
+from .retrieval_mask import check_scores, ranked_heads, ranking_scores
 
 
 @dataclasses.dataclass
@@ -31,6 +32,11 @@ class RetrievalKV(Method):
     )
 
     scores: list | None = param(None, "a layers x heads list of retrieval scores (a retrieval plan)")
+    mass_scores: list | None = param(
+        None, "a layers x heads list of needle attention mass (a retrieval plan)"
+    )
+    score: str = param("copy", "'copy' (the paper's copy-paste score) or 'mass' (attention mass on the needle)",
+                       lambda v: v in ("copy", "mass"))  # fmt: skip
     top_k: int | None = param(
         None, "an int >= 0 (keep the K best-scoring query heads in full)", lambda v: v >= 0
     )
@@ -69,8 +75,9 @@ class RetrievalKV(Method):
                 raise ParameterError(
                     f"retrieval_kv: parameter 'top_k' must be in 0..{total}, got {self.top_k}"
                 )
-            return ranked_heads(self.scores)[: self.top_k]
-        return [p for p in ranked_heads(self.scores) if self.scores[p[0]][p[1]] > self.threshold]
+            return ranked_heads(ranking_scores(self, spec))[: self.top_k]
+        chosen = ranking_scores(self, spec)
+        return [p for p in ranked_heads(chosen) if chosen[p[0]][p[1]] > self.threshold]
 
     def full_kv_heads(self, spec) -> dict[int, list[int]]:
         """{layer: KV heads kept in full} for the layers that are compressed (no own sliding window)."""

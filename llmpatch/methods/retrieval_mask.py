@@ -6,6 +6,8 @@ Which heads: exactly one of
 - `heads`: an explicit list of [layer, head] pairs;
 - `random`: K heads drawn (with `seed`) from the non-retrieval heads: neither among the top K nor above
   `threshold` (0.1, the paper's retrieval-head cut-off).
+Ranking: `score="copy"` (default, the paper's copy-paste score) or `"mass"` (our broader score: the mean attention
+mass a head puts on the needle while the answer is decoded; both come from `llmpatch calibrate retrieval`).
 Modes: `uniform` (default, the paper's: the head attends uniformly to every key it may see) or `zero` (the head
 outputs 0). As in the paper the mask applies on decode steps; `prefill=True` extends it to the prompt.
 """
@@ -33,6 +35,18 @@ def check_scores(method: str, scores, spec) -> None:
         )
 
 
+def ranking_scores(method, spec):
+    """The score list `method.score` names, checked against the model."""
+    if method.score == "copy":
+        return method.scores
+    if method.mass_scores is None:
+        raise ParameterError(
+            f"{method.name}: score='mass' needs 'mass_scores' (written by `llmpatch calibrate retrieval`)"
+        )
+    check_scores(method.name, method.mass_scores, spec)
+    return method.mass_scores
+
+
 def ranked_heads(scores) -> list[tuple[int, int]]:
     """All (layer, head) pairs, best score first (ties: lower layer, then lower head)."""
     flat = [(-float(s), li, hi) for li, row in enumerate(scores) for hi, s in enumerate(row)]
@@ -46,6 +60,11 @@ class RetrievalMask(Method):
     summary = "mask retrieval heads (top-k by score, listed, or random non-retrieval) on decode steps"
 
     scores: list | None = param(None, "a layers x heads list of retrieval scores (a retrieval plan)")
+    mass_scores: list | None = param(
+        None, "a layers x heads list of needle attention mass (a retrieval plan)"
+    )
+    score: str = param("copy", "'copy' (the paper's copy-paste score) or 'mass' (attention mass on the needle)",
+                       lambda v: v in ("copy", "mass"))  # fmt: skip
     top_k: int | None = param(None, "an int >= 1 (mask the K best-scoring heads)", lambda v: v >= 1)
     heads: list | None = param(None, "a list of [layer, head] pairs")
     random: int | None = param(None, "an int >= 1 (mask K random non-retrieval heads)", lambda v: v >= 1)
@@ -86,7 +105,7 @@ class RetrievalMask(Method):
                 "`llmpatch calibrate retrieval` (or scores=...), or list the heads with heads=[[layer, head], ...]"
             )
         check_scores(self.name, self.scores, spec)
-        ranked = ranked_heads(self.scores)
+        ranked = ranked_heads(ranking_scores(self, spec))
         k = self.top_k if self.top_k is not None else self.random
         key = "top_k" if self.top_k is not None else "random"
         if self.top_k is not None:
