@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import ParameterError
-from .base import Method, param
+from .base import Method, check_head_pairs, param
 
 
 def search_space(spec) -> list[tuple[int, int]]:
@@ -50,17 +50,7 @@ class Act(Method):
                 raise ParameterError(f"act: parameter 'heads' must be a list of [layer, head] pairs or 'all', "
                                      f"got {self.heads!r}")  # fmt: skip
             return search_space(spec)
-        out = []
-        for pair in self.heads:
-            ok = isinstance(pair, (list, tuple)) and len(pair) == 2
-            ok = ok and all(isinstance(x, int) and not isinstance(x, bool) for x in pair)
-            if not ok or not (0 <= pair[0] < spec.num_layers and 0 <= pair[1] < spec.num_heads):
-                raise ParameterError(
-                    f"act: parameter 'heads' must hold [layer, head] pairs with layer in 0..{spec.num_layers - 1} "
-                    f"and head in 0..{spec.num_heads - 1}, got {pair!r}"
-                )
-            out.append((pair[0], pair[1]))
-        return sorted(set(out))
+        return check_head_pairs(self.name, self.heads, spec)
 
     def configure(self, spec, layers):
         for li, hi in self.selected(spec):

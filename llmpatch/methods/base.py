@@ -93,3 +93,18 @@ def check_layers(method: str, layers, spec: ModelSpec) -> list[int]:
             f"{method}: parameter 'layers' must hold layer indices in 0..{spec.num_layers - 1}, got {bad[0]!r}"
         )
     return list(layers)
+
+
+def check_head_pairs(method: str, heads, spec: ModelSpec) -> list[tuple[int, int]]:
+    """A `heads` parameter ([layer, head] pairs), checked against the model; sorted, without repeats."""
+    out = []
+    for pair in heads:
+        ok = isinstance(pair, (list, tuple)) and len(pair) == 2
+        ok = ok and all(isinstance(x, int) and not isinstance(x, bool) for x in pair)
+        if not ok or not (0 <= pair[0] < spec.num_layers and 0 <= pair[1] < spec.num_heads):
+            raise ParameterError(
+                f"{method}: parameter 'heads' must hold [layer, head] pairs with layer in 0..{spec.num_layers - 1} "
+                f"and head in 0..{spec.num_heads - 1}, got {pair!r}"
+            )
+        out.append((pair[0], pair[1]))
+    return sorted(set(out))

@@ -19,7 +19,7 @@ import dataclasses
 
 from .. import kvcache
 from ..errors import ParameterError
-from .base import Method, param
+from .base import Method, check_head_pairs, param
 from .retrieval_mask import check_scores, ranked_heads, ranking_scores
 
 
@@ -53,16 +53,7 @@ class RetrievalKV(Method):
         if self.heads is not None:
             if self.top_k is not None:
                 raise ParameterError("retrieval_kv: give 'top_k' or 'heads', not both")
-            out = []
-            for p in self.heads:
-                ok = isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, int) for x in p)
-                if not ok or not (0 <= p[0] < spec.num_layers and 0 <= p[1] < spec.num_heads):
-                    raise ParameterError(
-                        f"retrieval_kv: parameter 'heads' must hold [layer, head] pairs with layer in "
-                        f"0..{spec.num_layers - 1} and head in 0..{spec.num_heads - 1}, got {p!r}"
-                    )
-                out.append((p[0], p[1]))
-            return out
+            return check_head_pairs(self.name, self.heads, spec)
         if self.scores is None:
             raise ParameterError(
                 "retrieval_kv: needs per-head scores: pass plan=heads.json from `llmpatch calibrate retrieval` "

@@ -19,7 +19,7 @@ import random as _random
 
 from ..decisions import HEAD_MASK_MODES
 from ..errors import ParameterError, PlanError
-from .base import Method, param
+from .base import Method, check_head_pairs, param
 
 
 def check_scores(method: str, scores, spec) -> None:
@@ -85,20 +85,7 @@ class RetrievalMask(Method):
             )
         total = spec.num_layers * spec.num_heads
         if self.heads is not None:
-            out = []
-            for pair in self.heads:
-                ok = (
-                    isinstance(pair, (list, tuple))
-                    and len(pair) == 2
-                    and all(isinstance(x, int) and not isinstance(x, bool) for x in pair)
-                )
-                if not ok or not (0 <= pair[0] < spec.num_layers and 0 <= pair[1] < spec.num_heads):
-                    raise ParameterError(
-                        f"{self.name}: parameter 'heads' must hold [layer, head] pairs with layer in "
-                        f"0..{spec.num_layers - 1} and head in 0..{spec.num_heads - 1}, got {pair!r}"
-                    )
-                out.append((pair[0], pair[1]))
-            return sorted(set(out))
+            return check_head_pairs(self.name, self.heads, spec)
         if self.scores is None:
             raise ParameterError(
                 f"{self.name}: 'top_k' and 'random' need per-head scores: pass plan=heads.json from "
