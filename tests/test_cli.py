@@ -57,3 +57,19 @@ def test_apply_compare_writes_json(smollm2, tmp_path):
     result = runner.invoke(app, ["apply", "--method", "sink_window", "--plan", str(plan), "--model", "smollm2-135m",
                                  "--prompt", "Hi", "--max-new-tokens", "2"])  # fmt: skip
     assert result.exit_code == 0, result.output
+
+
+def test_calibrate_retrieval_imports_the_official_format(smollm2, tmp_path):
+    official = {f"{li}-{hi}": [0.0] for li in range(30) for hi in range(9)}
+    official["17-3"] = [0.6, 0.4]
+    (tmp_path / "o.json").write_text(json.dumps(official))
+    out = tmp_path / "heads.json"
+    res = runner.invoke(app, ["calibrate", "retrieval", "--model", "smollm2-135m", "--import-official",
+                              str(tmp_path / "o.json"), "--out", str(out)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "1 of 270 heads" in res.output and out.with_suffix(".png").is_file()
+    assert json.loads(out.read_text())["methods"][0]["params"]["scores"][17][3] == 0.5
+    bad = runner.invoke(
+        app, ["calibrate", "act", "--model", "smollm2-135m", "--beta", "2", "--out", str(out)]
+    )
+    assert bad.exit_code == 2 and "'beta' must be a number in [0, 1]" in bad.output
