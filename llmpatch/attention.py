@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from . import kvcache
 from .errors import PatchStateError
 from .kernels import density, dispatch
 
@@ -172,7 +171,9 @@ def llmpatch_attention(
     observer = decision.state.get("observer")
     if observer is not None and not prefill:
         observer(decision, query, key, mask, scaling, softcap)  # e.g. retrieval-head detection
-    if isinstance(key, kvcache.SplitKV):  # a per-KV-head compressed cache (retrieval_kv)
+    if not isinstance(key, torch.Tensor):  # a SplitKV handle: the per-KV-head compressed cache (retrieval_kv)
+        from . import kvcache
+
         out, sinks = kvcache.split_attention(decision, query, key, mask, scaling, softcap, dispatch), None
     else:
         out, sinks = dispatch.attention(query, key, value, backend=decision.backend, **kw)

@@ -131,6 +131,16 @@ def dense_kv_bytes(cache: Cache) -> int:
     return total
 
 
+def kv_report(cache: Cache) -> dict:
+    """Bytes the cache holds against the model's own dense cache for the same tokens, and how many KV heads the
+    compressed layers keep in full."""
+    used, dense = kv_bytes(cache), dense_kv_bytes(cache)
+    split = [layer for layer in cache.layers if isinstance(layer, SplitLayer)]
+    return {"kv_bytes": used, "dense_kv_bytes": dense, "saved": 1 - used / dense if dense else 0.0,
+            "full_kv_heads": sum(len(layer.full_idx) for layer in split),
+            "compressed_layers_kv_heads": sum(layer.num_kv_heads for layer in split)}  # fmt: skip
+
+
 def _pos_attention(q, k, v, pos, seen, start, key_padding, sink, window, scale, softcap):
     """Attention of the last nq slots over kept compressed slots `pos`, with the sink + window rule in token
     positions. q [B, Hq, nq, D]; k, v [B, Hc, L, D]; fully masked rows give 0."""
@@ -205,10 +215,9 @@ def install(model, make_layers) -> callable:
         return cache
 
     def hook(module, args, kwargs):
-        cache = kwargs.get(name)
-        if cache is None:
-            for key in ("cache", "past_key_values"):
-                cache = kwargs.get(key) if cache is None else cache
+        cache = next(
+            (kwargs[k] for k in (name, "cache", "past_key_values") if kwargs.get(k) is not None), None
+        )
         if isinstance(cache, DynamicCache):
             if cache.get_seq_length() == 0:
                 convert(cache)

@@ -31,6 +31,7 @@ def label_ids(tokenizer, labels: list[str]) -> list[int]:
 def score(model, tokenizer, exs, batch: int = 32) -> dict:
     """Accuracy and mean log-probability of the correct label (log-softmax over the task's label tokens)."""
     correct, logps = 0, []
+    ids = {labels: label_ids(tokenizer, list(labels)) for labels in {tuple(e.labels) for e in exs}}
     for i in range(0, len(exs), batch):
         part = exs[i : i + batch]
         enc = tokenizer([e.prompt for e in part], return_tensors="pt", padding=True, add_special_tokens=True)
@@ -41,7 +42,7 @@ def score(model, tokenizer, exs, batch: int = 32) -> dict:
         )
         last = logits.logits[:, -1].float()
         for row, e in zip(last, part, strict=True):
-            lp = torch.log_softmax(row[label_ids(tokenizer, e.labels)], -1)
+            lp = torch.log_softmax(row[ids[tuple(e.labels)]], -1)
             correct += int(lp.argmax()) == e.answer
             logps.append(float(lp[e.answer]))
     return {"n": len(exs), "accuracy": correct / len(exs), "label_logprob": sum(logps) / len(logps)}

@@ -4,8 +4,7 @@
 Heads: the `top_k` best-scoring query heads (by `score`: "copy", the paper's copy-paste score, or "mass", the
 attention mass on the needle while answering) of a retrieval plan (`llmpatch calibrate retrieval`), or those above
 `threshold` when `top_k` is not given, or an explicit `heads` list. GQA: query heads share a KV head, so a KV head
-stays full when any of its query heads is kept (its whole group is then full); `describe()` and
-`kv_report()` say how many KV heads that is.
+stays full when any of its query heads is kept (its whole group is then full); `kv_report()` counts them.
 Defaults: sink 64, recent 256 (DuoAttention's deployment). Compressed heads use sink + window(recent) attention on
 the prompt too, so prefill and decode see the same pattern. Layers with the model's own sliding window are left
 dense (their cache is already bounded). The saving is real: a per-KV-head cache layer (`llmpatch.kvcache`) stores
@@ -17,26 +16,18 @@ from __future__ import annotations
 
 import dataclasses
 
-from .. import kvcache
 from ..errors import ParameterError
-from .base import Method, check_head_pairs, param
-from .retrieval_mask import check_scores, ranked_heads, ranking_scores
+from .base import check_head_pairs, param
+from .retrieval_mask import ScoredHeads, ranked_heads
 
 
 @dataclasses.dataclass
-class RetrievalKV(Method):
+class RetrievalKV(ScoredHeads):
     name = "retrieval_kv"
-    plan_entry = "retrieval_heads"
     summary = (
         "retrieval heads keep the full KV cache, the other heads keep sink + recent (real memory saving)"
     )
 
-    scores: list | None = param(None, "a layers x heads list of retrieval scores (a retrieval plan)")
-    mass_scores: list | None = param(
-        None, "a layers x heads list of needle attention mass (a retrieval plan)"
-    )
-    score: str = param("copy", "'copy' (the paper's copy-paste score) or 'mass' (attention mass on the needle)",
-                       lambda v: v in ("copy", "mass"))  # fmt: skip
     top_k: int | None = param(
         None, "an int >= 0 (keep the K best-scoring query heads in full)", lambda v: v >= 0
     )
@@ -54,20 +45,14 @@ class RetrievalKV(Method):
             if self.top_k is not None:
                 raise ParameterError("retrieval_kv: give 'top_k' or 'heads', not both")
             return check_head_pairs(self.name, self.heads, spec)
-        if self.scores is None:
-            raise ParameterError(
-                "retrieval_kv: needs per-head scores: pass plan=heads.json from `llmpatch calibrate retrieval` "
-                "(or scores=...), or list the heads to keep with heads=[[layer, head], ...]"
-            )
-        check_scores(self.name, self.scores, spec)
-        total = spec.num_layers * spec.num_heads
+        chosen = self.ranking(spec)
         if self.top_k is not None:
+            total = spec.num_layers * spec.num_heads
             if self.top_k > total:
                 raise ParameterError(
                     f"retrieval_kv: parameter 'top_k' must be in 0..{total}, got {self.top_k}"
                 )
-            return ranked_heads(ranking_scores(self, spec))[: self.top_k]
-        chosen = ranking_scores(self, spec)
+            return ranked_heads(chosen)[: self.top_k]
         return [p for p in ranked_heads(chosen) if chosen[p[0]][p[1]] > self.threshold]
 
     def full_kv_heads(self, spec) -> dict[int, list[int]]:
@@ -81,7 +66,6 @@ class RetrievalKV(Method):
 
     def configure(self, spec, layers):
         g = spec.num_heads // spec.num_kv_heads
-        self._spec = spec
         for li, full in self.full_kv_heads(spec).items():
             layer = layers[li]
             for kind in ("calibration", "head mask"):  # the split cache path does not apply them yet
@@ -91,6 +75,8 @@ class RetrievalKV(Method):
             layer.set_static(self.name, sink, window)
 
     def install(self, model, spec, layers):
+        from .. import kvcache  # imports transformers: not at package import time
+
         plan = self.full_kv_heads(spec)
 
         def make():
@@ -101,8 +87,6 @@ class RetrievalKV(Method):
 
     def kv_report(self, cache) -> dict:
         """Bytes this cache holds against the model's own dense cache for the same tokens."""
-        used, dense = kvcache.kv_bytes(cache), kvcache.dense_kv_bytes(cache)
-        full = self.full_kv_heads(self._spec)
-        return {"kv_bytes": used, "dense_kv_bytes": dense, "saved": 1 - used / dense if dense else 0.0,
-                "full_kv_heads": sum(len(f) for f in full.values()),
-                "kv_heads": self._spec.num_layers * self._spec.num_kv_heads}  # fmt: skip
+        from .. import kvcache
+
+        return kvcache.kv_report(cache)

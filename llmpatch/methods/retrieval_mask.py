@@ -35,18 +35,6 @@ def check_scores(method: str, scores, spec) -> None:
         )
 
 
-def ranking_scores(method, spec):
-    """The score list `method.score` names, checked against the model."""
-    if method.score == "copy":
-        return method.scores
-    if method.mass_scores is None:
-        raise ParameterError(
-            f"{method.name}: score='mass' needs 'mass_scores' (written by `llmpatch calibrate retrieval`)"
-        )
-    check_scores(method.name, method.mass_scores, spec)
-    return method.mass_scores
-
-
 def ranked_heads(scores) -> list[tuple[int, int]]:
     """All (layer, head) pairs, best score first (ties: lower layer, then lower head)."""
     flat = [(-float(s), li, hi) for li, row in enumerate(scores) for hi, s in enumerate(row)]
@@ -54,10 +42,11 @@ def ranked_heads(scores) -> list[tuple[int, int]]:
 
 
 @dataclasses.dataclass
-class RetrievalMask(Method):
-    name = "retrieval_mask"
+class ScoredHeads(Method):
+    """The per-head scores of a retrieval plan (its `retrieval_heads` entry), shared by retrieval_mask and
+    retrieval_kv."""
+
     plan_entry = "retrieval_heads"
-    summary = "mask retrieval heads (top-k by score, listed, or random non-retrieval) on decode steps"
 
     scores: list | None = param(None, "a layers x heads list of retrieval scores (a retrieval plan)")
     mass_scores: list | None = param(
@@ -65,6 +54,30 @@ class RetrievalMask(Method):
     )
     score: str = param("copy", "'copy' (the paper's copy-paste score) or 'mass' (attention mass on the needle)",
                        lambda v: v in ("copy", "mass"))  # fmt: skip
+
+    def ranking(self, spec) -> list[list[float]]:
+        """The score table `score` names, checked against the model."""
+        if self.scores is None:
+            raise ParameterError(
+                f"{self.name}: needs per-head scores: pass plan=heads.json from `llmpatch calibrate retrieval` "
+                "(or scores=...), or list the heads with heads=[[layer, head], ...]"
+            )
+        check_scores(self.name, self.scores, spec)
+        if self.score == "copy":
+            return self.scores
+        if self.mass_scores is None:
+            raise ParameterError(
+                f"{self.name}: score='mass' needs 'mass_scores' (written by `llmpatch calibrate retrieval`)"
+            )
+        check_scores(self.name, self.mass_scores, spec)
+        return self.mass_scores
+
+
+@dataclasses.dataclass
+class RetrievalMask(ScoredHeads):
+    name = "retrieval_mask"
+    summary = "mask retrieval heads (top-k by score, listed, or random non-retrieval) on decode steps"
+
     top_k: int | None = param(None, "an int >= 1 (mask the K best-scoring heads)", lambda v: v >= 1)
     heads: list | None = param(None, "a list of [layer, head] pairs")
     random: int | None = param(None, "an int >= 1 (mask K random non-retrieval heads)", lambda v: v >= 1)
@@ -86,13 +99,7 @@ class RetrievalMask(Method):
         total = spec.num_layers * spec.num_heads
         if self.heads is not None:
             return check_head_pairs(self.name, self.heads, spec)
-        if self.scores is None:
-            raise ParameterError(
-                f"{self.name}: 'top_k' and 'random' need per-head scores: pass plan=heads.json from "
-                "`llmpatch calibrate retrieval` (or scores=...), or list the heads with heads=[[layer, head], ...]"
-            )
-        check_scores(self.name, self.scores, spec)
-        ranked = ranked_heads(ranking_scores(self, spec))
+        ranked = ranked_heads(self.ranking(spec))
         k = self.top_k if self.top_k is not None else self.random
         key = "top_k" if self.top_k is not None else "random"
         if self.top_k is not None:
