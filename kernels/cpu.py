@@ -143,6 +143,8 @@ def _row_chunks(q, k, v, scale, softcap, start, key_padding, sliding_window, sin
     if kv_index is not None:
         rows = max(bs, rows // bs * bs) if nq > bs else nq
     start_free = start is None or not bool((start != 0).any())
+    steady_masks = {}  # full band chunks past the sinks share one mask; kept for this call only, so no mask
+    # stays alive between layers (it would add to the pass's peak, which sits in the MLP)
     sink_key = None if sink is None else (tuple(sink.tolist()), tuple(window.tolist()))
     out = torch.empty(b, nq, h, d, dtype=q.dtype, device=q.device).transpose(
         1, 2
@@ -176,7 +178,7 @@ def _row_chunks(q, k, v, scale, softcap, start, key_padding, sliding_window, sin
             softcap is None and not need_lse,
         )
         key = key if steady else None
-        cached = _STEADY_MASKS.get(key) if steady else None
+        cached = steady_masks.get(key) if steady else None
         if cached is None:
             q_pos, k_pos = q_pos_all[:, r0:r1], k_pos_all[:, keys]
             pad = key_padding[:, keys] if key_padding is not None else None
@@ -188,16 +190,12 @@ def _row_chunks(q, k, v, scale, softcap, start, key_padding, sliding_window, sin
             sdpa_ready = softcap is None and not need_lse
             cached = (None if sdpa_ready else mask, _additive(mask, q.dtype) if sdpa_ready else None)
             if steady:
-                _STEADY_MASKS.clear()  # one entry: every layer of a forward pass asks for the same chunk mask
-                _STEADY_MASKS[key] = cached
+                steady_masks[key] = cached
         o, chunk_lse = _attend(q[:, :, r0:r1], kc, vc, cached[0], scale, softcap, need_lse, cached[1])
         out[:, :, r0:r1] = o
         if need_lse:
             lse[:, :, r0:r1] = chunk_lse
     return out, lse
-
-
-_STEADY_MASKS: dict = {}  # chunk signature -> (bool mask or None, (additive mask, rows seen) or None)
 
 
 def _additive(mask, dtype):

@@ -74,11 +74,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
     return _reference_chunked(q, k, v, **kw)
 
 
-def release_caches() -> None:
-    """Drop per-forward caches (the CPU path's shared chunk mask)."""
-    cpu._STEADY_MASKS.clear()
-
-
 def attention_lse(q, k, v, *, backend: str | None = None, **kw) -> reference.AttentionResult:
     """Like `attention`, also returning the LSE [B, H, Nq] (fp32, natural log, -inf on empty rows)."""
     name = pick(backend, q.device, **kw)

@@ -171,14 +171,10 @@ def llmpatch_attention(
     observer = decision.state.get("observer")
     if observer is not None and not prefill:
         observer(decision, query, key, mask, scaling, softcap)  # e.g. retrieval-head detection
-    if not isinstance(key, torch.Tensor):  # a SplitKV handle: the per-KV-head compressed cache (retrieval_kv)
-        from . import kvcache
-
-        out, sinks = kvcache.split_attention(decision, query, key, mask, scaling, softcap, dispatch), None
+    if not isinstance(key, torch.Tensor):  # a compressed cache's handle (kvcache.SplitKV, ringcache.RingKV)
+        out, sinks = key.attend(decision, query, mask, scaling, softcap, dispatch), None
     else:
         out, sinks = dispatch.attention(query, key, value, backend=decision.backend, **kw)
-    if decision.state.get("last_layer"):
-        dispatch.release_caches()  # masks shared by the layers of one forward pass are not kept past it
     if prefill and sinks is not None:
         decision.state["act_sinks"] = (mask.kv_offset, sinks)
     return out.transpose(1, 2).contiguous(), None

@@ -30,6 +30,9 @@ class SplitKV:
         self.layer = layer
         self.shape = shape  # [B, Hkv, seen, D]: looks like the dense cache to shape-reading code
 
+    def attend(self, decision, query, mask, scale, softcap, dispatch):
+        return split_attention(decision, query, self, mask, scale, softcap, dispatch)
+
 
 class SplitLayer(DynamicLayer):
     def __init__(self, num_kv_heads: int, full: list[int], sink: int, recent: int):
@@ -90,6 +93,13 @@ class SplitLayer(DynamicLayer):
         parts = [self.keys, self.values, self.comp_k, self.comp_v]
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
+    def dense_bytes(self) -> int:
+        """What a DynamicLayer would hold for the same tokens."""
+        if not self.is_initialized:
+            return 0
+        t = self.keys if self.keys.numel() else self.comp_k
+        return 2 * t.shape[0] * self.num_kv_heads * self.seen * t.shape[-1] * t.element_size()
+
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("retrieval_kv: its compressed cache cannot be cropped (assisted decoding)")
 
@@ -111,7 +121,7 @@ class SplitLayer(DynamicLayer):
 def kv_bytes(cache: Cache) -> int:
     total = 0
     for layer in cache.layers:
-        if isinstance(layer, SplitLayer):
+        if hasattr(layer, "kv_bytes"):  # SplitLayer, ringcache.RingLayer
             total += layer.kv_bytes()
         elif getattr(layer, "is_initialized", False):
             total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
@@ -122,10 +132,8 @@ def dense_kv_bytes(cache: Cache) -> int:
     """What the model's own DynamicCache would hold for the same tokens (sliding layers as they are)."""
     total = 0
     for layer in cache.layers:
-        if isinstance(layer, SplitLayer):
-            if layer.is_initialized:
-                t = layer.keys if layer.keys.numel() else layer.comp_k
-                total += 2 * t.shape[0] * layer.num_kv_heads * layer.seen * t.shape[-1] * t.element_size()
+        if hasattr(layer, "dense_bytes"):
+            total += layer.dense_bytes()
         elif getattr(layer, "is_initialized", False):
             total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
     return total

@@ -155,7 +155,6 @@ def apply(
         ]
         for inst in instances:
             inst.configure(spec, layers)
-    layers[-1].state["last_layer"] = True  # the attention function frees per-forward kernel caches after it
 
     # Validation is over: from here on the model changes, and any failure undoes it.
     attention.register()

@@ -18,13 +18,23 @@ CONFIGS = {
     "retrieval_mask": ({"heads": []}, {"heads": ALL_HEADS, "prefill": True}),
     "act": ({"heads": ALL_HEADS, "beta": 1.0}, {"heads": ALL_HEADS, "beta": 0.0, "threshold": 0.02}),
     "retrieval_kv": ({"heads": ALL_HEADS}, {"heads": [[1, 0]], "sink": 2, "recent": 5}),
+    "moa": (
+        {"alphas": "zeros", "betas": "ones"},
+        {"alphas": "fours", "betas": "quarters", "sink": 2, "min_span": 3, "length": 20},
+    ),
+    "streamingllm": ({"density": 1.0}, {"window": 5, "sink": 2}),
 }
+MATRICES = {"zeros": 0.0, "ones": 1.0, "fours": 4.0, "quarters": 0.25}  # a [layers][heads] plan of one value
 
 
 def expand(params, model):
     spec = llmpatch.detect(model)
     every = [[li, hi] for li in range(spec.num_layers) for hi in range(spec.num_heads)]
-    return {k: (every if v == ALL_HEADS else v) for k, v in params.items()}
+    full = lambda x: [[x] * spec.num_heads for _ in range(spec.num_layers)]  # noqa: E731
+    return {
+        k: every if v == ALL_HEADS else full(MATRICES[v]) if isinstance(v, str) else v
+        for k, v in params.items()
+    }
 
 
 def test_every_method_has_configs():

@@ -6,9 +6,11 @@ from ..errors import ParameterError
 from .act import Act
 from .base import Method
 from .dense import Dense
+from .moa import MoA
 from .retrieval_kv import RetrievalKV
 from .retrieval_mask import RetrievalMask
 from .sink_window import SinkWindow
+from .streamingllm import StreamingLLM
 
 REGISTRY: dict[str, type[Method]] = {
     Dense.name: Dense,
@@ -16,6 +18,8 @@ REGISTRY: dict[str, type[Method]] = {
     RetrievalMask.name: RetrievalMask,
     Act.name: Act,
     RetrievalKV.name: RetrievalKV,
+    MoA.name: MoA,
+    StreamingLLM.name: StreamingLLM,
 }
 
 

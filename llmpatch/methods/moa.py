@@ -1,0 +1,127 @@
+"""MoA: a mixture of sparse attention, one elastic sink + sliding window per head (Fu et al., 2024; METHODS.md §3).
+
+Head h attends to the first `sink` tokens and the last S_h(N) - sink tokens, with S_h(N) = alpha_h + beta_h * N
+for an input of N tokens (the prompt length, or the fixed `length`), at least `min_span` (the official cache's
+floor, 128). A head whose span covers the whole input is dense. Plans come from `llmpatch calibrate moa` (gradient
+profiling + a MILP, `llmpatch.calibrate.moa`) or from the official {"alphas", "betas"} JSON (`import_official`).
+Defaults: sink 64, min_span 128, ring cache on.
+
+Decode: each KV head keeps sink + ring slots (`llmpatch.ringcache`), a real memory saving; `ring=False` keeps the
+full cache and masks it (the reference the ring is tested against). GQA natively: a pattern per query head, and a
+KV head's cache keeps the union of its query heads' spans; plans from our search give one span per KV group, so
+the union costs nothing there (imported MHA-style plans may differ within a group).
+
+Departures: spans are fixed when the prompt is read (N = prompt length; the official cache sizes use
+N_in + max_new); in a batch N is the padded length, so a shorter row gets the spans of the longer one (set
+`length` for spans that do not depend on the batch). Layers with the model's own sliding window keep their own
+bounded cache (the plan may still narrow them). Does not compose with act / retrieval_mask / retrieval_kv yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import ParameterError, PlanError
+from .base import Method, param
+
+
+def _matrix_ok(v) -> bool:
+    return isinstance(v, list) and all(
+        isinstance(r, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in r)
+        for r in v
+    )
+
+
+def spans_at(
+    alphas, betas, n: int, *, sink: int, min_span: int
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer: (sink [H], window [H])} at input length n; window -1 where the span covers the input."""
+    out = {}
+    for i, (a_row, b_row) in enumerate(zip(alphas, betas, strict=True)):
+        s = torch.tensor([max(min_span, round(a + b * n)) for a, b in zip(a_row, b_row, strict=True)])
+        dense = s >= n
+        out[i] = (torch.where(dense, 0, sink), torch.where(dense, -1, (s - sink).clamp(min=1)))
+    return out
+
+
+def density_at(alphas, betas, n: int, *, min_span: int = 128) -> float:
+    """MoA's density: the mean over heads of min(S_h(n), n) / n."""
+    vals = [min(n, max(min_span, a + b * n)) / n for ar, br in zip(alphas, betas, strict=True)
+            for a, b in zip(ar, br, strict=True)]  # fmt: skip
+    return sum(vals) / len(vals)
+
+
+@dataclasses.dataclass
+class MoA(Method):
+    name = "moa"
+    summary = "per-head elastic sink + window from a profiled plan, with a per-head ring-buffer decode cache"
+
+    alphas: list | None = param(None, "a [layers][heads] list of numbers (tokens), from a plan", _matrix_ok)
+    betas: list | None = param(None, "a [layers][heads] list of numbers in [0, 1], from a plan", _matrix_ok)
+    sink: int = param(64, "an int >= 0", lambda v: v >= 0)
+    min_span: int = param(128, "an int >= 1", lambda v: v >= 1)
+    length: int | None = param(None, "null (each prompt's length) or an int >= 1", lambda v: v >= 1)
+    ring: bool = param(True, "true (ring-buffer decode cache) or false (masks over the full cache)")
+
+    def validate(self, spec):
+        if self.alphas is None or self.betas is None:
+            raise ParameterError(
+                "moa: parameters 'alphas' and 'betas' are required; pass plan=... from `llmpatch calibrate moa` "
+                "(or moa.import_official)"
+            )
+        for key in ("alphas", "betas"):
+            m = getattr(self, key)
+            if len(m) != spec.num_layers or any(len(r) != spec.num_heads for r in m):
+                shape = f"[{len(m)}][{', '.join(sorted({str(len(r)) for r in m}))}]"
+                raise ParameterError(
+                    f"moa: parameter {key!r} must be [{spec.num_layers}][{spec.num_heads}] (layers x query heads "
+                    f"of this model), got {shape}: a plan for another model?"
+                )
+        if any(not 0 <= b <= 1 for r in self.betas for b in r):
+            raise ParameterError("moa: parameter 'betas' must hold numbers in [0, 1]")
+
+    def spans(self, n: int):
+        return spans_at(self.alphas, self.betas, n, sink=self.sink, min_span=self.min_span)
+
+    def configure(self, spec, layers):
+        for i, (sink, window) in self.spans(self.length or spec.max_position_embeddings or 4096).items():
+            layers[i].set_static(self.name, sink, window)
+            if self.ring:
+                for kind in ("calibration", "head mask"):  # the ring path does not apply them yet
+                    layers[i].claim(kind, self.name)
+
+    def install(self, model, spec, layers):
+        from .. import ringcache  # imports transformers: not at package import time
+
+        undo = [ringcache.install_elastic(model, layers, self.spans, self.length)]
+        if self.ring:
+            undo.append(ringcache.install(model, spec, layers))
+        return lambda: [u() for u in reversed(undo)]
+
+
+def import_official(source, spec=None) -> dict:
+    """Read the official MoA plan {"alphas": [[...]], "betas": [[...]]} (a path or dict) into moa params."""
+    try:
+        data = json.loads(Path(source).read_text()) if not isinstance(source, dict) else source
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PlanError(f"moa: cannot read the official plan {str(source)!r} ({exc})") from None
+    if not isinstance(data, dict) or not _matrix_ok(data.get("alphas")) or not _matrix_ok(data.get("betas")):
+        raise PlanError(
+            'moa: an official plan must be a JSON object {"alphas": [[number] * heads] * layers, "betas": '
+            "[[number] * heads] * layers}"
+        )
+    a, b = data["alphas"], data["betas"]
+    if [len(r) for r in a] != [len(r) for r in b]:
+        raise PlanError("moa: official plan 'alphas' and 'betas' must have the same [layers][heads] shape")
+    params = {"alphas": a, "betas": b}
+    if spec is not None:
+        MoA.from_params(params).validate(spec)
+    return params
+
+
+def export_official(params: dict) -> dict:
+    return {"alphas": params["alphas"], "betas": params["betas"]}
