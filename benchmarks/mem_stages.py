@@ -2,6 +2,7 @@
 
 MALLOC_MMAP_THRESHOLD_=65536 OMP_NUM_THREADS=2 python benchmarks/mem_stages.py dense 8192
 MALLOC_MMAP_THRESHOLD_=65536 OMP_NUM_THREADS=2 python benchmarks/mem_stages.py sw 8192
+MALLOC_MMAP_THRESHOLD_=65536 OMP_NUM_THREADS=2 python benchmarks/mem_stages.py stream 8192   # + ring cache
 """
 
 import gc
@@ -33,8 +34,10 @@ m, tok = load_model("smollm2-135m")
 ids = _prompt_ids(tok, L)
 gc.collect()
 print("loaded", rss())
-if meth != "dense":
+if meth == "sw":
     apply(m, "sink_window", sink=64, window=1024)
+elif meth == "stream":
+    apply(m, "streamingllm", sink=64, window=1024)
 gc.collect()
 print("applied", rss())
 for i in range(3):

@@ -171,6 +171,9 @@ def llmpatch_attention(
     observer = decision.state.get("observer")
     if observer is not None and not prefill:
         observer(decision, query, key, mask, scaling, softcap)  # e.g. retrieval-head detection
+    profiler = decision.state.get("profiler")
+    if profiler is not None:  # MoA gradient profiling: exact attention with its own backward
+        return profiler(decision, query, key, value, scaling, softcap).transpose(1, 2).contiguous(), None
     if not isinstance(key, torch.Tensor):  # a compressed cache's handle (kvcache.SplitKV, ringcache.RingKV)
         out, sinks = key.attend(decision, query, mask, scaling, softcap, dispatch), None
     else:

@@ -411,6 +411,69 @@ def calibrate_act_cmd(
     console.print(f"heads: {res['heads']}\nwrote {out}", highlight=False)
 
 
+@calibrate_app.command("moa")
+def calibrate_moa_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="alias, HF id or path"),
+    density: float = typer.Option(0.25, "--density", help="MoA density budget in (0, 1]: mean span / length"),
+    lengths: str = typer.Option("1024,2048", "--lengths", help="comma-separated profiling lengths"),
+    validate_length: int = typer.Option(None, "--validate-length", help="pick among the Pareto plans here"),
+    samples: int = typer.Option(8, "--samples", min=1, help="calibration prompts per length"),
+    gqa: str = typer.Option("group", "--gqa", help="'group': one config per KV group; 'head': per query head"),
+    seed: int = typer.Option(0, "--seed"),
+    haystack: Path = typer.Option(None, "--haystack", help="a text file for the summary prompts"),
+    import_official: Path = typer.Option(None, "--import-official",
+                                         help='convert an official {"alphas", "betas"} file instead of searching'),
+    export_official: Path = typer.Option(None, "--export-official", help="also write the official format"),
+    out: Path = typer.Option(..., "--out", help="plan JSON to write"),
+):  # fmt: skip
+    """MoA: gradient profiling + MILP (scipy HiGHS) plan search -> plan with per-head (alpha, beta)."""
+    from . import adapters
+    from .calibrate import moa as moa_search
+    from .evals.haystack import Haystack
+    from .methods import moa
+    from .models import load_model
+    from .plan import Plan, provenance
+
+    def show(r):
+        err.print(f"  length {r['length']}: sample {r['sample']} ({r['tokens']} tokens) answer loss "
+                  f"{r['loss']:.3f}, {r['s']:.0f} s", highlight=False)  # fmt: skip
+
+    try:
+        length_list = _csv(lengths, int, "lengths")
+        m, tok = load_model(model, progress=err.print)
+        spec = adapters.detect(m)
+        if import_official is not None:
+            params = moa.import_official(import_official, spec)
+            plan = Plan(model=spec.fingerprint(), methods=[{"name": "moa", "params": params}],
+                        provenance=provenance(imported_from=str(import_official)))  # fmt: skip
+            res = None
+        else:
+            hay = Haystack(haystack) if haystack else None
+            res = moa_search.search(m, tok, density=density, lengths=length_list, validate_length=validate_length,
+                                    samples=samples, seed=seed, haystack=hay, gqa=gqa, progress=show)  # fmt: skip
+            plan = moa_search.to_plan(res, spec)
+            params = res["params"]
+        plan.save(out)
+        if export_official is not None:
+            export_official.write_text(json.dumps(moa.export_official(params)) + "\n")
+    except LlmpatchError as exc:
+        _fail(str(exc))
+    if res is not None:
+        table = Table(title=f"MoA plans for {model} at density {density} ({res['configs']} configs, "
+                            f"alpha x {res['alpha_scale']:g}, {res['total_s']:.0f} s)")  # fmt: skip
+        for col in ("objective", "density", "profiled loss", "validation loss", "chosen"):
+            table.add_column(col, justify="right")
+        for c in res["candidates"]:
+            table.add_row(c["objective"], " ".join(f"{n}:{d:.3f}" for n, d in c["density"].items()),
+                          " ".join(f"{v:.3g}" for v in c["profiled_loss"].values()),
+                          f"{c['validation_loss']:.4f}" if "validation_loss" in c else "-",
+                          "*" if c["objective"] == res["chosen"] else "")  # fmt: skip
+        console.print(table)
+        if res["dense_validation_loss"] is not None:
+            console.print(f"dense validation loss {res['dense_validation_loss']:.4f}", highlight=False)
+    console.print(f"wrote {out}" + (f" and {export_official}" if export_official else ""), highlight=False)
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks against dense SDPA (same machine, same run).")
 app.add_typer(bench_app, name="bench")
 

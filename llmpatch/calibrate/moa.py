@@ -1,0 +1,385 @@
+"""The MoA plan search (Fu et al., 2024; METHODS.md §3), as `llmpatch calibrate moa`.
+
+1. Data: long prompts built offline (a RULER-style needle question, and a one-sentence summary of haystack
+   text, alternating), each answered greedily by the dense model itself (up to ANSWER_TOKENS tokens). The
+   evaluation suites (passkey, niah) are not used for calibration.
+2. Profiling: loss = cross-entropy of those answers. A custom autograd attention (one KV group at a time, N x N
+   only at profiling lengths) gives A and dL/dA per head, and E_ij = -A_ij (dL/dA_ij - sum_k A_ik dL/dA_ik) /
+   (1 - A_ij), which is -dS_ij / (1 - A_ij) with dS the softmax backward. |E| is summed over 64 x 64 blocks
+   (per block diagonal: a sink + window config keeps or drops whole diagonals) and averaged over samples.
+3. Configs: (alpha, beta) with alpha in s x {-2048, -1024, ..., 8192}, beta in {0, 1/8, ..., 1}, keeping pairs with
+   S(2048 s) > 0, S(8192 s) <= 8192 s, S(16384 s) <= 16384 s. Scaling: s = (longest profiled length) / 8192,
+   the paper's longest profile, so alpha keeps the same share of the profiled context (profiling lengths are set
+   from the model's context and the CPU budget; s = 1/4 at 2k). A config's loss at length n is the influence
+   of the blocks it drops (a block at distance d keeps the share of its 64 x 64 pairs inside the window).
+4. MILP (scipy.optimize.milp, HiGHS): one config per unit, at most 2 distinct configs per layer, MoA density
+   (mean over heads of min(S, n) / n) <= budget at every profiled length. Units are KV groups (GQA): the query
+   heads of a group share a config, so the ring cache holds exactly what they read; `gqa="head"` makes units of
+   query heads (the cache then keeps each group's union). Objectives: each length alone and their normalised
+   sum give the Pareto candidates; the validation length picks the one with the lowest answer loss, measured
+   with the plan applied.
+Layers with the model's own sliding window are not searched (dense in the plan; their cache is bounded).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import numpy as np
+import torch
+
+from ..errors import ParameterError
+
+BLOCK = 64
+SINK = 64
+PAPER_LONGEST = 8192
+ANSWER_TOKENS = 24
+PAPER_ALPHAS = range(-2048, 8193, 1024)
+BETAS = [i / 8 for i in range(9)]
+
+
+def search_space(lengths: list[int]) -> tuple[list[tuple[float, float]], float]:
+    s = max(lengths) / PAPER_LONGEST
+    configs = [(a * s, b) for a in PAPER_ALPHAS for b in BETAS]
+    ok = [
+        c
+        for c in configs
+        if c[0] + c[1] * 2048 * s > 0 and all(c[0] + c[1] * n * s <= n * s for n in (8192, 16384))
+    ]
+    return ok, s
+
+
+def span(config, n: int, min_span: int = 128) -> int:
+    return max(min_span, round(config[0] + config[1] * n))
+
+
+def density(config, n: int) -> float:
+    return min(span(config, n), n) / n
+
+
+# --- calibration data -----------------------------------------------------------------------------------------
+
+
+def prompts(tokenizer, length: int, n: int, seed: int = 0, haystack=None) -> list[str]:
+    """n prompts of at most length - ANSWER_TOKENS tokens, alternating a RULER-style needle question (retrieval)
+    and a one-sentence summary of haystack text (local, generated unless `haystack` is given)."""
+    from ..evals.haystack import Haystack
+    from ..evals.suites import fit, get_suite
+
+    hay = haystack or Haystack(seed=seed)
+    needle = get_suite("ruler_niah_single")
+    out = []
+    for i in range(n):
+        if i % 2 == 0:
+            out.append(
+                needle.sample(tokenizer, length - ANSWER_TOKENS, i, seed=f"moa-{seed}", haystack=hay).prompt
+            )
+            continue
+        pool = hay.sentences(length // 4, offset=random.Random(f"moa-{seed}-{length}-{i}").randrange(1000))
+
+        def make(k, pool=pool):
+            return "Read this story.\n\n" + " ".join(pool[:k]) + "\n\nSummarise the story in one sentence."
+
+        out.append(fit(tokenizer, make, length - ANSWER_TOKENS, "", len(pool))[1])
+    return out
+
+
+@torch.no_grad()  # (not inference_mode: the profiler backpropagates through these ids)
+def dense_answers(model, tokenizer, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(prompt ids, answer ids) with the answer generated greedily by the dense model itself."""
+    out = []
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
+        gen = model.generate(ids, max_new_tokens=ANSWER_TOKENS, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)  # fmt: skip
+        out.append((ids[0], gen[0, ids.shape[1] :]))
+    return out
+
+
+# --- gradient profiling ----------------------------------------------------------------------------------------
+
+
+def _probs(q, k, scale, softcap, sliding_window):
+    """Probabilities [B, G, N, N] (fp32) and the pre-softcap scores (for the backward)."""
+    s0 = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    s = torch.tanh(s0 / softcap) * softcap if softcap is not None else s0
+    n = q.shape[-2]
+    i = torch.arange(n, device=q.device)
+    allowed = i[None, :] <= i[:, None]
+    if sliding_window is not None:
+        allowed &= (i[:, None] - i[None, :]) < sliding_window
+    return torch.softmax(s.masked_fill(~allowed, float("-inf")), -1), s0
+
+
+def diagonal_sums(e: torch.Tensor) -> torch.Tensor:
+    """|E| [G, N, N] -> per head, the sum over 64 x 64 blocks on each block diagonal d (sink block excluded)."""
+    g, n, _ = e.shape
+    nb = math.ceil(n / BLOCK)
+    e = torch.nn.functional.pad(e, (0, nb * BLOCK - n, 0, nb * BLOCK - n))
+    blocks = e.view(g, nb, BLOCK, nb, BLOCK).sum((2, 4))
+    # the diagonal at offset -d holds blocks (d + i, i); key block 0 is the sink, always kept
+    return torch.stack([torch.diagonal(blocks, -d, 1, 2)[:, 1:].sum(-1) for d in range(nb)], -1)
+
+
+class _Profiled(torch.autograd.Function):
+    """Exact attention whose backward also accumulates MoA's influence |E| per head and block diagonal."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, softcap, sliding_window, sink):
+        ctx.save_for_backward(q, k, v)
+        ctx.args = (scale, softcap, sliding_window, sink)
+        g = q.shape[1] // k.shape[1]
+        out = torch.empty_like(q)
+        for kv in range(k.shape[1]):
+            p, _ = _probs(q[:, kv * g : (kv + 1) * g], k[:, kv : kv + 1], scale, softcap, sliding_window)
+            out[:, kv * g : (kv + 1) * g] = torch.matmul(p, v[:, kv : kv + 1].float()).to(q.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v = ctx.saved_tensors
+        scale, softcap, sliding_window, sink = ctx.args
+        g = q.shape[1] // k.shape[1]
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for kv in range(k.shape[1]):
+            sl = slice(kv * g, (kv + 1) * g)
+            qs, ks, vs, do = (
+                q[:, sl].float(),
+                k[:, kv : kv + 1].float(),
+                v[:, kv : kv + 1].float(),
+                dout[:, sl].float(),
+            )
+            p, s0 = _probs(qs, ks, scale, softcap, sliding_window)
+            da = torch.matmul(do, vs.transpose(-1, -2))
+            ds = p * (da - (p * da).sum(-1, keepdim=True))
+            one_minus = 1 - p
+            e = torch.where(one_minus > 1e-6, ds.abs() / one_minus.clamp(min=1e-6), 0.0)
+            sink(sl, diagonal_sums(e.sum(0)))  # batch 1 (or summed over the batch)
+            if softcap is not None:
+                ds = ds * (1 - torch.tanh(s0 / softcap) ** 2)
+            dq[:, sl] = (torch.matmul(ds, ks) * scale).to(q.dtype)
+            dk[:, kv] = (torch.matmul(ds.transpose(-1, -2), qs) * scale).sum(1).to(k.dtype)
+            dv[:, kv] = torch.matmul(p.transpose(-1, -2), do).sum(1).to(v.dtype)
+        return dq, dk, dv, None, None, None, None
+
+
+def profile(model, samples, *, progress=None) -> torch.Tensor:
+    """Mean influence per (layer, query head, block diagonal) over samples of one length: [L, H, nb]."""
+    import llmpatch
+
+    spec = llmpatch.detect(model)
+    n = max(len(p) + len(a) for p, a in samples)
+    acc = torch.zeros(spec.num_layers, spec.num_heads, math.ceil(n / BLOCK), dtype=torch.float64)
+    grads = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        with llmpatch.patched(model, "dense") as patch:
+            for layer in patch.layers:
+
+                def run(decision, q, k, v, scale, softcap, li=layer.layer):
+                    def sink(sl, d):
+                        acc[li, sl, : d.shape[-1]] += d.double()
+
+                    sw = decision.sliding_window
+                    return _Profiled.apply(q, k, v, scale or q.shape[-1] ** -0.5, softcap, sw, sink)
+
+                layer.state["profiler"] = run
+            for i, (prompt, answer) in enumerate(samples):
+                t0 = time.perf_counter()
+                ids = torch.cat([prompt, answer]).unsqueeze(0)
+                emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+                logits = model(inputs_embeds=emb, use_cache=False, logits_to_keep=len(answer) + 1).logits[
+                    0, :-1
+                ]
+                loss = torch.nn.functional.cross_entropy(logits.float(), answer)
+                loss.backward()
+                if progress:
+                    progress(
+                        {
+                            "sample": i,
+                            "tokens": ids.shape[1],
+                            "loss": float(loss.detach()),
+                            "s": time.perf_counter() - t0,
+                        }
+                    )
+    finally:
+        for p, g in zip(model.parameters(), grads, strict=True):
+            p.requires_grad_(g)
+    return (acc / len(samples)).float()
+
+
+# --- configs and the MILP --------------------------------------------------------------------------------------
+
+
+def keep_share(d: int, window: int) -> float:
+    """Share of the 64 x 64 (query, key) pairs of a block at block distance d that lie inside the window."""
+    t = window - BLOCK * d  # kept pairs: a - b < t, with a, b in [0, 64)
+    x = np.arange(-(BLOCK - 1), BLOCK)
+    return float(((BLOCK - np.abs(x)) * (x < t)).sum() / BLOCK**2)
+
+
+def config_losses(diag: torch.Tensor, configs, n: int) -> np.ndarray:
+    """[L, H, C]: the influence each config drops at length n (0 for a config that is dense there)."""
+    nb = diag.shape[-1]
+    drop = np.zeros((len(configs), nb))
+    for c, cfg in enumerate(configs):
+        s = span(cfg, n)
+        if s < n:
+            drop[c] = [1 - keep_share(d, s - SINK) for d in range(nb)]
+    return np.einsum("lhd,cd->lhc", diag.double().numpy(), drop)
+
+
+def solve(losses: dict, configs, units: list[tuple[int, list[int]]], budget: float, weights: dict,
+          max_per_layer: int = 2, time_limit: float = 60.0) -> list[int]:  # fmt: skip
+    """One config index per unit (layer, heads), minimising sum_n weights[n] * loss_n under the density budget
+    at every n and at most `max_per_layer` distinct configs per layer."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import lil_matrix
+
+    nu, nc = len(units), len(configs)
+    layers = sorted({u[0] for u in units})
+    nx, ny = nu * nc, len(layers) * nc
+    cost = np.zeros(nx + ny)
+    for n, w in weights.items():
+        cost[:nx] += w * np.concatenate([losses[n][li, heads].sum(0) for li, heads in units])
+    rows, lo, hi = lil_matrix((nu + nx + len(layers) + len(losses), nx + ny)), [], []
+    r = 0
+    for u in range(nu):  # one config per unit
+        rows[r, u * nc : (u + 1) * nc] = 1
+        lo.append(1), hi.append(1)
+        r += 1
+    for u, (li, _) in enumerate(units):  # x[u, c] <= y[layer, c]
+        yi = nx + layers.index(li) * nc
+        for c in range(nc):
+            rows[r, u * nc + c], rows[r, yi + c] = 1, -1
+            lo.append(-np.inf), hi.append(0)
+            r += 1
+    for j in range(len(layers)):  # at most max_per_layer configs per layer
+        rows[r, nx + j * nc : nx + (j + 1) * nc] = 1
+        lo.append(0), hi.append(max_per_layer)
+        r += 1
+    total_heads = sum(len(h) for _, h in units)
+    for n in losses:  # mean density over heads <= budget
+        dens = np.array([density(c, n) for c in configs])
+        rows[r, :nx] = np.concatenate([len(h) * dens for _, h in units])
+        lo.append(0), hi.append(budget * total_heads)
+        r += 1
+    res = milp(cost, constraints=LinearConstraint(rows.tocsr(), lo, hi), integrality=np.ones(nx + ny),
+               bounds=Bounds(0, 1), options={"time_limit": time_limit, "mip_rel_gap": 1e-4})  # fmt: skip
+    if res.x is None:
+        raise ParameterError(f"density: no plan meets a density budget of {budget} ({res.message})")
+    return [int(np.argmax(res.x[u * nc : (u + 1) * nc])) for u in range(nu)]
+
+
+# --- the search ------------------------------------------------------------------------------------------------
+
+
+def plan_params(choice: list[int], configs, units, spec) -> dict:
+    alphas = [[0.0] * spec.num_heads for _ in range(spec.num_layers)]
+    betas = [[1.0] * spec.num_heads for _ in range(spec.num_layers)]  # unsearched layers stay dense
+    for (li, heads), c in zip(units, choice, strict=True):
+        for h in heads:
+            alphas[li][h], betas[li][h] = float(configs[c][0]), float(configs[c][1])
+    return {"alphas": alphas, "betas": betas, "sink": SINK}
+
+
+@torch.inference_mode()
+def answer_loss(model, samples, params: dict | None) -> float:
+    """Mean cross-entropy of the dense model's answers, with the plan applied (None: dense)."""
+    import llmpatch
+
+    def run():
+        total = 0.0
+        for prompt, answer in samples:
+            ids = torch.cat([prompt, answer]).unsqueeze(0)
+            logits = model(ids, use_cache=False, logits_to_keep=len(answer) + 1).logits[0, :-1]
+            total += float(torch.nn.functional.cross_entropy(logits.float(), answer))
+        return total / len(samples)
+
+    if params is None:
+        return run()
+    with llmpatch.patched(model, "moa", **params, ring=False):
+        return run()
+
+
+def search(model, tokenizer, *, density: float, lengths: list[int], validate_length: int | None = None,
+           samples: int = 8, seed: int = 0, haystack=None, gqa: str = "group", progress=None) -> dict:  # fmt: skip
+    import llmpatch
+
+    spec = llmpatch.detect(model)
+    if not 0 < density <= 1:
+        raise ParameterError(f"density: must be a number in (0, 1], got {density}")
+    if gqa not in ("group", "head"):
+        raise ParameterError(f"gqa: must be 'group' or 'head', got {gqa!r}")
+    context = spec.max_position_embeddings
+    for n in [*lengths, *([validate_length] if validate_length else [])]:
+        if not isinstance(n, int) or n < 2 * BLOCK or (context is not None and n > context):
+            raise ParameterError(
+                f"lengths: profiling and validation lengths must be ints in {2 * BLOCK}..{context} (the model's "
+                f"context), got {n}"
+            )
+    t0 = time.perf_counter()
+    configs, scale = search_space(lengths)
+    g = spec.num_heads // spec.num_kv_heads
+    searched = [li for li in range(spec.num_layers) if spec.sliding_window[li] is None]
+    if gqa == "group":
+        units = [
+            (li, list(range(kv * g, (kv + 1) * g))) for li in searched for kv in range(spec.num_kv_heads)
+        ]
+    else:
+        units = [(li, [h]) for li in searched for h in range(spec.num_heads)]
+    losses, profiles = {}, {}
+    for n in lengths:
+        data = dense_answers(model, tokenizer, prompts(tokenizer, n, samples, seed, haystack))
+        diag = profile(model, data, progress=lambda r, n=n: progress and progress({"length": n, **r}))
+        true_n = max(len(p) + len(a) for p, a in data)
+        losses[n] = config_losses(diag, configs, true_n)
+        profiles[n] = true_n
+    norm = {n: 1.0 / max(float(losses[n].max(-1).sum()), 1e-30) for n in lengths}
+    objectives = {f"length {n}": {n: norm[n]} for n in lengths}
+    if len(lengths) > 1:
+        objectives["all lengths"] = norm
+    candidates = []
+    for label, weights in objectives.items():
+        choice = solve(losses, configs, units, density, weights)
+        params = plan_params(choice, configs, units, spec)
+        if any(c["params"] == params for c in candidates):
+            continue
+        dens = {n: _plan_density(params, searched, n) for n in lengths}
+        candidates.append({"objective": label, "params": params, "density": dens,
+                           "profiled_loss": {n: float(sum(losses[n][li, h].sum(0)[c] for (li, h), c in
+                                                          zip(units, choice, strict=True))) for n in lengths}})  # fmt: skip
+    chosen = candidates[-1]
+    if validate_length:
+        val = dense_answers(
+            model, tokenizer, prompts(tokenizer, validate_length, samples, seed + 1, haystack)
+        )
+        dense_loss = answer_loss(model, val, None)
+        for c in candidates:
+            c["validation_loss"] = answer_loss(model, val, c["params"])
+            c["validation_density"] = _plan_density(c["params"], searched, validate_length)
+        chosen = min(candidates, key=lambda c: c["validation_loss"])
+    return {"params": chosen["params"], "chosen": chosen["objective"], "candidates": candidates,
+            "configs": len(configs), "alpha_scale": scale, "units": gqa, "searched_layers": searched,
+            "lengths": lengths, "profiled_tokens": profiles, "validate_length": validate_length,
+            "dense_validation_loss": dense_loss if validate_length else None, "samples": samples, "seed": seed,
+            "density_budget": density, "total_s": time.perf_counter() - t0}  # fmt: skip
+
+
+def _plan_density(params, layers, n) -> float:
+    from ..methods.moa import density_at
+
+    return density_at([params["alphas"][i] for i in layers], [params["betas"][i] for i in layers], n)
+
+
+def to_plan(result: dict, spec):
+    from ..plan import Plan, provenance
+
+    meta = {k: v for k, v in result.items() if k != "params"}
+    meta["candidates"] = [{k: v for k, v in c.items() if k != "params"} for c in result["candidates"]]
+    return Plan(model=spec.fingerprint(), methods=[{"name": "moa", "params": result["params"]}],
+                provenance=provenance(calibration_data={"tasks": "ruler_niah_single + summaries, answers by the "
+                                                        "dense model", **meta}))  # fmt: skip

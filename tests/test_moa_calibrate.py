@@ -1,0 +1,116 @@
+"""MoA plan search: the profiled influence against autograd on explicit attention, the MILP's constraints, and a
+small end-to-end search on a tiny model."""
+
+import numpy as np
+import pytest
+import torch
+
+import llmpatch
+from llmpatch.calibrate import moa as cal
+from llmpatch.errors import ParameterError
+from llmpatch.testing import tiny_model
+
+
+def explicit(q, k, v, scale, softcap, sw):
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = q @ k.transpose(-1, -2) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    n = q.shape[2]
+    i = torch.arange(n)
+    allowed = i[None] <= i[:, None]
+    if sw is not None:
+        allowed &= (i[:, None] - i[None]) < sw
+    a = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1)
+    a.retain_grad()
+    return a @ v, a
+
+
+@pytest.mark.parametrize("softcap,sw", [(None, None), (5.0, 70)])
+def test_influence_and_gradients_match_autograd(softcap, sw):
+    torch.manual_seed(0)
+    n, h, hkv, d = 150, 4, 2, 8
+    q, k, v = (torch.randn(1, x, n, d, dtype=torch.float64, requires_grad=True) for x in (h, hkv, hkv))
+    w = torch.randn(1, h, n, d, dtype=torch.float64)
+    out, a = explicit(q, k, v, 0.3, softcap, sw)
+    (out * w).sum().backward()
+    ga = a.grad
+    e = -a * (ga - (a * ga).sum(-1, keepdim=True)) / (1 - a)
+    e = torch.where(1 - a > 1e-6, e, 0.0).abs()
+    want = cal.diagonal_sums(e[0])
+    want_grads = [t.grad.clone() for t in (q, k, v)]
+    got = torch.zeros(h, want.shape[-1], dtype=torch.float64)
+
+    def sink(sl, dsum):
+        got[sl] += dsum
+
+    for t in (q, k, v):
+        t.grad = None
+    out2 = cal._Profiled.apply(q, k, v, 0.3, softcap, sw, sink)
+    (out2 * w).sum().backward()
+    torch.testing.assert_close(out2, out.detach(), rtol=1e-4, atol=1e-5)  # fp32 inside
+    torch.testing.assert_close(got, want.float().double(), rtol=1e-4, atol=1e-6)
+    for t, g in zip((q, k, v), want_grads, strict=True):
+        torch.testing.assert_close(t.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_keep_share_and_config_losses():
+    assert cal.keep_share(0, 64) == 1.0 and cal.keep_share(0, 1) == pytest.approx(2080 / 4096)
+    assert cal.keep_share(5, 64) == 0.0 and cal.keep_share(1, 128) == 1.0
+    diag = torch.ones(1, 1, 32)  # 2048 tokens
+    losses = cal.config_losses(diag, [(0.0, 1.0), (256.0, 0.0)], 2048)
+    assert losses[0, 0, 0] == 0.0  # dense drops nothing
+    assert losses[0, 0, 1] == pytest.approx(32 - 3 - 2016 / 4096)  # window 192: 3 diagonals and half of one
+
+
+def test_search_space_is_scaled_to_the_profiled_lengths():
+    configs, s = cal.search_space([1024, 2048])
+    assert s == 0.25
+    assert (0.0, 1.0) in configs and (-512.0, 0.0) not in configs
+    assert all(a + b * 512 > 0 and a + b * 2048 <= 2048 for a, b in configs)
+
+
+def test_milp_respects_budget_and_two_configs_per_layer():
+    rng = np.random.default_rng(0)
+    configs, _ = cal.search_space([1024])
+    losses = {1024: rng.random((3, 4, len(configs))) * np.array([1 - cal.density(c, 1024) for c in configs])}
+    units = [(li, [h]) for li in range(3) for h in range(4)]
+    choice = cal.solve(losses, configs, units, 0.3, {1024: 1.0})
+    dens = np.mean([cal.density(configs[c], 1024) for c in choice])
+    assert dens <= 0.3 + 1e-9
+    for li in range(3):
+        assert len({choice[u] for u, (lj, _) in enumerate(units) if lj == li}) <= 2
+
+
+def test_search_on_tiny_model_writes_a_valid_plan(tmp_path):
+    model = tiny_model("llama", max_position_embeddings=1024)
+
+    class Tok:
+        pad_token_id, eos_token_id, chat_template = 0, 2, None
+
+        def __call__(self, text, return_tensors=None, add_special_tokens=False):
+            def enc(t):  # a word-level stand-in tokenizer
+                return [3 + sum(map(ord, w)) % 120 for w in t.split()]
+
+            ids = [enc(t) for t in text] if isinstance(text, list) else enc(text)
+
+            class R:
+                input_ids = torch.tensor([ids]) if return_tensors else ids
+
+            return R()
+
+    res = cal.search(model, Tok(), density=0.5, lengths=[256, 384], validate_length=448, samples=2)
+    spec = llmpatch.detect(model)
+    plan = cal.to_plan(res, spec)
+    path = plan.save(tmp_path / "moa.json")
+    p = llmpatch.plan.Plan.load(path)
+    params = p.params_for("moa")
+    assert all(d <= 0.5 + 1e-9 for d in res["candidates"][0]["density"].values())
+    with llmpatch.patched(model, "moa", plan=path):
+        model(torch.tensor([[5] * 300]))
+    with pytest.raises(ParameterError, match="lengths: .*model's context"):
+        cal.search(model, Tok(), density=0.5, lengths=[2048])
+    with pytest.raises(ParameterError, match="density: must be a number in \\(0, 1\\]"):
+        cal.search(model, Tok(), density=1.5, lengths=[256])
+    assert len(params["alphas"]) == spec.num_layers
