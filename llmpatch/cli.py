@@ -461,13 +461,15 @@ def calibrate_moa_cmd(
     if res is not None:
         table = Table(title=f"MoA plans for {model} at density {density} ({res['configs']} configs, "
                             f"alpha x {res['alpha_scale']:g}, {res['total_s']:.0f} s)")  # fmt: skip
-        for col in ("objective", "density", "profiled loss", "validation loss", "chosen"):
+        for col in ("units", "objective", "density", "KV kept", "profiled loss", "validation loss", "chosen"):
             table.add_column(col, justify="right")
-        for c in res["candidates"]:
-            table.add_row(c["objective"], " ".join(f"{n}:{d:.3f}" for n, d in c["density"].items()),
+        for c in [*res["candidates"], res["other_units"]]:
+            table.add_row(c.get("units", res["units"]), c["objective"],
+                          " ".join(f"{n}:{d:.3f}" for n, d in c["density"].items()),
+                          " ".join(f"{n}:{d:.3f}" for n, d in c["kv_fraction"].items()),
                           " ".join(f"{v:.3g}" for v in c["profiled_loss"].values()),
                           f"{c['validation_loss']:.4f}" if "validation_loss" in c else "-",
-                          "*" if c["objective"] == res["chosen"] else "")  # fmt: skip
+                          "*" if c is not res["other_units"] and c["objective"] == res["chosen"] else "")  # fmt: skip
         console.print(table)
         if res["dense_validation_loss"] is not None:
             console.print(f"dense validation loss {res['dense_validation_loss']:.4f}", highlight=False)

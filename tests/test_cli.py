@@ -73,3 +73,23 @@ def test_calibrate_retrieval_imports_the_official_format(smollm2, tmp_path):
         app, ["calibrate", "act", "--model", "smollm2-135m", "--beta", "2", "--out", str(out)]
     )
     assert bad.exit_code == 2 and "'beta' must be a number in [0, 1]" in bad.output
+
+
+def test_calibrate_moa_imports_and_exports_the_official_format(smollm2, tmp_path):
+    official = {"alphas": [[64.0] * 9] * 30, "betas": [[0.25] * 9] * 30}
+    (tmp_path / "o.json").write_text(json.dumps(official))
+    out, back = tmp_path / "moa.json", tmp_path / "back.json"
+    res = runner.invoke(app, ["calibrate", "moa", "--model", "smollm2-135m", "--import-official",
+                              str(tmp_path / "o.json"), "--export-official", str(back), "--out", str(out)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads(back.read_text()) == official
+    assert json.loads(out.read_text())["methods"][0]["params"]["betas"][0][0] == 0.25
+    (tmp_path / "bad.json").write_text(json.dumps({"alphas": [[1.0] * 9] * 29, "betas": [[0.1] * 9] * 29}))
+    bad = runner.invoke(app, ["calibrate", "moa", "--model", "smollm2-135m", "--import-official",
+                              str(tmp_path / "bad.json"), "--out", str(out)])  # fmt: skip
+    assert bad.exit_code == 2 and "'alphas' must be [30][9]" in bad.output
+    bad = runner.invoke(app, ["calibrate", "moa", "--model", "smollm2-135m", "--lengths", "65536",
+                              "--out", str(out)])  # fmt: skip
+    assert bad.exit_code == 2 and "lengths:" in bad.output and "8192" in bad.output
+    bad = runner.invoke(app, ["calibrate", "moa", "--model", "smollm2-135m", "--density", "0", "--out", str(out)])
+    assert bad.exit_code == 2 and "density: must be a number in (0, 1]" in bad.output

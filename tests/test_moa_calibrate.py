@@ -114,3 +114,13 @@ def test_search_on_tiny_model_writes_a_valid_plan(tmp_path):
     with pytest.raises(ParameterError, match="density: must be a number in \\(0, 1\\]"):
         cal.search(model, Tok(), density=1.5, lengths=[256])
     assert len(params["alphas"]) == spec.num_layers
+
+
+def test_ties_go_to_the_elastic_config():
+    configs, _ = cal.search_space([1024, 2048])
+    losses = {n: np.zeros((1, 1, len(configs))) for n in (1024, 2048)}
+    units = [(0, [0])]
+    fixed = configs.index((2048.0, 0.0))  # dense at 1k and 2k, as (0, 1) is
+    assert configs[cal._most_elastic([fixed], configs, losses, units)[0]] == (0.0, 1.0)
+    local = configs.index((0.0, 0.125))  # nothing else has its densities: it stays
+    assert cal._most_elastic([local], configs, losses, units) == [local]

@@ -13,12 +13,16 @@
    from the model's context and the CPU budget; s = 1/4 at 2k). A config's loss at length n is the influence
    of the blocks it drops (a block at distance d keeps the share of its 64 x 64 pairs inside the window).
 4. MILP (scipy.optimize.milp, HiGHS): one config per unit, at most 2 distinct configs per layer, MoA density
-   (mean over heads of min(S, n) / n) <= budget at every profiled length. Units are KV groups (GQA): the query
+   (mean over heads of min(S, n) / n) <= budget at every profiled length. Ties the profiled lengths cannot break
+   (e.g. (2048, 0) and (0, 1), both dense at 1k and 2k) go to the larger beta (the elastic config). Units are KV groups (GQA): the query
    heads of a group share a config, so the ring cache holds exactly what they read; `gqa="head"` makes units of
    query heads (the cache then keeps each group's union). Objectives: each length alone and their normalised
    sum give the Pareto candidates; the validation length picks the one with the lowest answer loss, measured
    with the plan applied.
 Layers with the model's own sliding window are not searched (dense in the plan; their cache is bounded).
+Departure: each sample's influence is normalised to sum 1 before averaging. The first-order influence scales
+with the answer's loss, so without it the summaries (answer loss ~1) outweigh the retrieval prompts, which the
+dense model answers confidently (loss ~0.05), about 10 to 1 (measured on SmolLM2).
 """
 
 from __future__ import annotations
@@ -166,12 +170,14 @@ class _Profiled(torch.autograd.Function):
 
 
 def profile(model, samples, *, progress=None) -> torch.Tensor:
-    """Mean influence per (layer, query head, block diagonal) over samples of one length: [L, H, nb]."""
+    """Mean influence per (layer, query head, block diagonal) over samples of one length: [L, H, nb]. Each
+    sample's influence is normalised to sum 1 first, so every sample weighs the same (departure, see above)."""
     import llmpatch
 
     spec = llmpatch.detect(model)
     n = max(len(p) + len(a) for p, a in samples)
     acc = torch.zeros(spec.num_layers, spec.num_heads, math.ceil(n / BLOCK), dtype=torch.float64)
+    total = torch.zeros_like(acc)
     grads = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -195,7 +201,9 @@ def profile(model, samples, *, progress=None) -> torch.Tensor:
                     0, :-1
                 ]
                 loss = torch.nn.functional.cross_entropy(logits.float(), answer)
+                acc.zero_()
                 loss.backward()
+                total.add_(acc / acc.sum().clamp(min=1e-30))
                 if progress:
                     progress(
                         {
@@ -208,7 +216,7 @@ def profile(model, samples, *, progress=None) -> torch.Tensor:
     finally:
         for p, g in zip(model.parameters(), grads, strict=True):
             p.requires_grad_(g)
-    return (acc / len(samples)).float()
+    return (total / len(samples)).float()
 
 
 # --- configs and the MILP --------------------------------------------------------------------------------------
@@ -271,7 +279,28 @@ def solve(losses: dict, configs, units: list[tuple[int, list[int]]], budget: flo
                bounds=Bounds(0, 1), options={"time_limit": time_limit, "mip_rel_gap": 1e-4})  # fmt: skip
     if res.x is None:
         raise ParameterError(f"density: no plan meets a density budget of {budget} ({res.message})")
-    return [int(np.argmax(res.x[u * nc : (u + 1) * nc])) for u in range(nu)]
+    choice = [int(np.argmax(res.x[u * nc : (u + 1) * nc])) for u in range(nu)]
+    return _most_elastic(choice, configs, losses, units)
+
+
+def _most_elastic(choice: list[int], configs, losses: dict, units) -> list[int]:
+    """Ties the profiled lengths cannot break: the units of a layer that share config c move together to the
+    config with the largest beta that has, for each of them, the same loss and density as c at every profiled
+    length (e.g. (2048, 0) -> (0, 1), both dense at 1k and 2k). Objective, budget and configs per layer hold."""
+
+    def ties(c, li, heads):
+        return {j for j in range(len(configs))
+                if all(abs(float(losses[n][li, heads, j].sum() - losses[n][li, heads, c].sum())) <= 1e-12
+                       and density(configs[j], n) == density(configs[c], n) for n in losses)}  # fmt: skip
+
+    out = list(choice)
+    for li, c in {(u[0], c) for u, c in zip(units, choice, strict=True)}:
+        members = [i for i, (u, cc) in enumerate(zip(units, choice, strict=True)) if u[0] == li and cc == c]
+        common = set.intersection(*(ties(c, li, units[i][1]) for i in members))
+        best = max(common, key=lambda j: (configs[j][1], configs[j][0]))
+        for i in members:
+            out[i] = best
+    return out
 
 
 # --- the search ------------------------------------------------------------------------------------------------
@@ -323,14 +352,7 @@ def search(model, tokenizer, *, density: float, lengths: list[int], validate_len
             )
     t0 = time.perf_counter()
     configs, scale = search_space(lengths)
-    g = spec.num_heads // spec.num_kv_heads
     searched = [li for li in range(spec.num_layers) if spec.sliding_window[li] is None]
-    if gqa == "group":
-        units = [
-            (li, list(range(kv * g, (kv + 1) * g))) for li in searched for kv in range(spec.num_kv_heads)
-        ]
-    else:
-        units = [(li, [h]) for li in searched for h in range(spec.num_heads)]
     losses, profiles = {}, {}
     for n in lengths:
         data = dense_answers(model, tokenizer, prompts(tokenizer, n, samples, seed, haystack))
@@ -344,29 +366,55 @@ def search(model, tokenizer, *, density: float, lengths: list[int], validate_len
         objectives["all lengths"] = norm
     candidates = []
     for label, weights in objectives.items():
-        choice = solve(losses, configs, units, density, weights)
-        params = plan_params(choice, configs, units, spec)
-        if any(c["params"] == params for c in candidates):
-            continue
-        dens = {n: _plan_density(params, searched, n) for n in lengths}
-        candidates.append({"objective": label, "params": params, "density": dens,
-                           "profiled_loss": {n: float(sum(losses[n][li, h].sum(0)[c] for (li, h), c in
-                                                          zip(units, choice, strict=True))) for n in lengths}})  # fmt: skip
+        c = _candidate(label, losses, configs, _units(spec, searched, gqa), density, weights, spec, searched)
+        if all(c["params"] != o["params"] for o in candidates):
+            candidates.append(c)
+    other = "head" if gqa == "group" else "group"  # GQA: the other granularity, same profile and objective
+    alt = _candidate(list(objectives)[-1], losses, configs, _units(spec, searched, other), density,
+                     objectives[list(objectives)[-1]], spec, searched)  # fmt: skip
     chosen = candidates[-1]
     if validate_length:
         val = dense_answers(
             model, tokenizer, prompts(tokenizer, validate_length, samples, seed + 1, haystack)
         )
         dense_loss = answer_loss(model, val, None)
-        for c in candidates:
+        for c in [*candidates, alt]:
             c["validation_loss"] = answer_loss(model, val, c["params"])
             c["validation_density"] = _plan_density(c["params"], searched, validate_length)
+            c["validation_kv_fraction"] = _kv_fraction(c["params"], searched, spec, validate_length)
         chosen = min(candidates, key=lambda c: c["validation_loss"])
+    alt = {"units": other, **{k: v for k, v in alt.items() if k != "params"}}
     return {"params": chosen["params"], "chosen": chosen["objective"], "candidates": candidates,
-            "configs": len(configs), "alpha_scale": scale, "units": gqa, "searched_layers": searched,
-            "lengths": lengths, "profiled_tokens": profiles, "validate_length": validate_length,
-            "dense_validation_loss": dense_loss if validate_length else None, "samples": samples, "seed": seed,
-            "density_budget": density, "total_s": time.perf_counter() - t0}  # fmt: skip
+            "configs": len(configs), "alpha_scale": scale, "units": gqa, "other_units": alt,
+            "searched_layers": searched, "lengths": lengths, "profiled_tokens": profiles,
+            "validate_length": validate_length, "dense_validation_loss": dense_loss if validate_length else None,
+            "samples": samples, "seed": seed, "density_budget": density,
+            "total_s": time.perf_counter() - t0}  # fmt: skip
+
+
+def _units(spec, searched, gqa):
+    g = spec.num_heads // spec.num_kv_heads
+    if gqa == "group":  # the query heads of a KV group share one config
+        return [(li, list(range(kv * g, (kv + 1) * g))) for li in searched for kv in range(spec.num_kv_heads)]
+    return [(li, [h]) for li in searched for h in range(spec.num_heads)]
+
+
+def _candidate(label, losses, configs, units, budget, weights, spec, searched) -> dict:
+    choice = solve(losses, configs, units, budget, weights)
+    params = plan_params(choice, configs, units, spec)
+    loss = {n: float(sum(losses[n][li, h].sum(0)[c] for (li, h), c in zip(units, choice, strict=True)))
+            for n in losses}  # fmt: skip
+    return {"objective": label, "params": params, "profiled_loss": loss,
+            "density": {n: _plan_density(params, searched, n) for n in losses},
+            "kv_fraction": {n: _kv_fraction(params, searched, spec, n) for n in losses}}  # fmt: skip
+
+
+def _kv_fraction(params, layers, spec, n) -> float:
+    """Ring-cache size against the dense cache at length n: each KV head keeps its query heads' largest span."""
+    g = spec.num_heads // spec.num_kv_heads
+    kept = [max(min(n, span((params["alphas"][li][h], params["betas"][li][h]), n)) for h in range(kv * g, (kv + 1) * g))
+            for li in layers for kv in range(spec.num_kv_heads)]  # fmt: skip
+    return sum(kept) / (n * len(kept))
 
 
 def _plan_density(params, layers, n) -> float:
