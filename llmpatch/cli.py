@@ -418,7 +418,7 @@ def calibrate_moa_cmd(
     lengths: str = typer.Option("1024,2048", "--lengths", help="comma-separated profiling lengths"),
     validate_length: int = typer.Option(None, "--validate-length", help="pick among the Pareto plans here"),
     samples: int = typer.Option(8, "--samples", min=1, help="calibration prompts per length"),
-    gqa: str = typer.Option("group", "--gqa", help="'group': one config per KV group; 'head': per query head"),
+    gqa: str = typer.Option("head", "--gqa", help="'head': per query head; 'group': one config per KV group"),
     seed: int = typer.Option(0, "--seed"),
     haystack: Path = typer.Option(None, "--haystack", help="a text file for the summary prompts"),
     import_official: Path = typer.Option(None, "--import-official",

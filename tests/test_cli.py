@@ -91,5 +91,7 @@ def test_calibrate_moa_imports_and_exports_the_official_format(smollm2, tmp_path
     bad = runner.invoke(app, ["calibrate", "moa", "--model", "smollm2-135m", "--lengths", "65536",
                               "--out", str(out)])  # fmt: skip
     assert bad.exit_code == 2 and "lengths:" in bad.output and "8192" in bad.output
-    bad = runner.invoke(app, ["calibrate", "moa", "--model", "smollm2-135m", "--density", "0", "--out", str(out)])
+    bad = runner.invoke(
+        app, ["calibrate", "moa", "--model", "smollm2-135m", "--density", "0", "--out", str(out)]
+    )
     assert bad.exit_code == 2 and "density: must be a number in (0, 1]" in bad.output

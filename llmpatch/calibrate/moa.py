@@ -335,7 +335,7 @@ def answer_loss(model, samples, params: dict | None) -> float:
 
 
 def search(model, tokenizer, *, density: float, lengths: list[int], validate_length: int | None = None,
-           samples: int = 8, seed: int = 0, haystack=None, gqa: str = "group", progress=None) -> dict:  # fmt: skip
+           samples: int = 8, seed: int = 0, haystack=None, gqa: str = "head", progress=None) -> dict:  # fmt: skip
     import llmpatch
 
     spec = llmpatch.detect(model)
@@ -383,7 +383,7 @@ def search(model, tokenizer, *, density: float, lengths: list[int], validate_len
             c["validation_density"] = _plan_density(c["params"], searched, validate_length)
             c["validation_kv_fraction"] = _kv_fraction(c["params"], searched, spec, validate_length)
         chosen = min(candidates, key=lambda c: c["validation_loss"])
-    alt = {"units": other, **{k: v for k, v in alt.items() if k != "params"}}
+    alt = {"units": other, **alt}  # its params too: a plan for the other choice without a second search
     return {"params": chosen["params"], "chosen": chosen["objective"], "candidates": candidates,
             "configs": len(configs), "alpha_scale": scale, "units": gqa, "other_units": alt,
             "searched_layers": searched, "lengths": lengths, "profiled_tokens": profiles,

@@ -8,8 +8,9 @@ Defaults: sink 64, min_span 128, ring cache on.
 
 Decode: each KV head keeps sink + ring slots (`llmpatch.ringcache`), a real memory saving; `ring=False` keeps the
 full cache and masks it (the reference the ring is tested against). GQA natively: a pattern per query head, and a
-KV head's cache keeps the union of its query heads' spans; plans from our search give one span per KV group, so
-the union costs nothing there (imported MHA-style plans may differ within a group).
+KV head's cache keeps the union (largest span) of its query heads'. The search makes per-query-head plans by
+default (measured better at equal MoA density, for a larger cache: see `llmpatch.calibrate.moa`); `--gqa group`
+plans give a KV group one span, and then the union costs nothing.
 
 Departures: spans are fixed when the prompt is read (N = prompt length; the official cache sizes use
 N_in + max_new); in a batch N is the padded length, so a shorter row gets the spans of the longer one (set
