@@ -21,6 +21,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 PRUNE_EVERY = 64
+ROW_CHUNK_ELEMENTS = 1 << 22  # scores held per chunk of query rows in pos_attention (B x H x rows x keys)
 
 
 class SplitKV:
@@ -149,26 +150,33 @@ def kv_report(cache: Cache) -> dict:
             "compressed_layers_kv_heads": sum(layer.num_kv_heads for layer in split)}  # fmt: skip
 
 
-def _pos_attention(q, k, v, pos, seen, start, key_padding, sink, window, scale, softcap):
-    """Attention of the last nq slots over kept compressed slots `pos`, with the sink + window rule in token
-    positions. q [B, Hq, nq, D]; k, v [B, Hc, L, D]; fully masked rows give 0."""
-    b, hq, nq, d = q.shape
-    hc = k.shape[1]
-    g = hq // hc
-    qslot = torch.arange(seen - nq, seen, device=q.device)
-    st = torch.zeros(b, dtype=torch.long, device=q.device) if start is None else start.to(q.device)
-    tok = pos.view(1, 1, -1) - st.view(b, 1, 1)  # key token positions per row
-    allowed = (pos.view(1, 1, -1) <= qslot.view(1, -1, 1)) & (tok >= 0)
-    allowed &= (tok < sink) | (qslot.view(1, -1, 1) - pos.view(1, 1, -1) < window)
-    if key_padding is not None:
-        allowed &= key_padding.to(q.device)[:, pos].unsqueeze(1)
-    scores = torch.einsum("bkgqd,bknd->bkgqn", q.float().view(b, hc, g, nq, d), k.float()) * scale
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~allowed.view(b, 1, 1, nq, -1), float("-inf"))
-    probs = torch.softmax(scores, -1).nan_to_num(0.0)
-    out = torch.einsum("bkgqn,bknd->bkgqd", probs, v.float())
-    return out.reshape(b, hq, nq, v.shape[-1]).to(q.dtype)
+def pos_attention(q, k, v, pos, q_pos, sink, window, *, scale, softcap=None, sliding_window=None):
+    """Exact attention of q [B, H, Nq, D] at token positions q_pos [B, Nq] over keys k, v [B, Hkv, L, D] at
+    positions pos [B, L] (-1 = empty slot), under per-query-head sink [H] and window [H] (-1 = unlimited).
+    Query rows go in chunks of at most ROW_CHUNK_ELEMENTS scores; fully masked rows give 0."""
+    b, h, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g = h // hkv
+    kf, vf = k.float(), v.float()
+    kp = pos[:, None, None, :]  # [B, 1, 1, L]
+    s_h, w_h = sink.view(1, h, 1, 1), window.view(1, h, 1, 1)
+    out = torch.empty(b, h, nq, v.shape[-1], dtype=q.dtype, device=q.device)
+    rows = max(1, ROW_CHUNK_ELEMENTS // max(1, b * h * nk))
+    for r0 in range(0, nq, rows):
+        r1 = min(nq, r0 + rows)
+        qp = q_pos[:, None, r0:r1, None]  # [B, 1, rows, 1]
+        allowed = (kp >= 0) & (kp <= qp) & ((kp < s_h) | (w_h < 0) | (qp - kp < w_h))
+        if sliding_window is not None:
+            allowed &= qp - kp < sliding_window
+        qg = q[:, :, r0:r1].float().reshape(b, hkv, g * (r1 - r0), d)
+        s = torch.matmul(qg, kf.transpose(-1, -2)).view(b, h, r1 - r0, nk) * scale
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
+        s = s.masked_fill(~allowed, float("-inf"))
+        p = torch.softmax(s, -1).nan_to_num(0.0)
+        o = torch.matmul(p.view(b, hkv, g * (r1 - r0), nk), vf).view(b, h, r1 - r0, -1)
+        out[:, :, r0:r1] = o.to(q.dtype)
+    return out
 
 
 def split_attention(decision, query, handle: SplitKV, mask, scale, softcap, dispatch) -> torch.Tensor:
@@ -186,15 +194,24 @@ def split_attention(decision, query, handle: SplitKV, mask, scale, softcap, disp
         q = query[:, qi]
         if is_full:
             o, _ = dispatch.attention(q, layer.keys, layer.values, **common)
-        elif layer.contiguous:
+        else:  # the pattern of these heads: decision sink and window (retrieval_kv sets sink and recent)
             sink, window = (
                 decision.sink[qi.cpu()].to(query.device),
                 decision.window[qi.cpu()].to(query.device),
             )
-            o, _ = dispatch.attention(q, layer.comp_k, layer.comp_v, sink=sink, window=window, **common)
-        else:
-            o = _pos_attention(q, layer.comp_k, layer.comp_v, layer.comp_pos, layer.seen, mask.start,
-                               mask.key_padding, layer.sink, layer.recent, scale, softcap)  # fmt: skip
+            if layer.contiguous:
+                o, _ = dispatch.attention(q, layer.comp_k, layer.comp_v, sink=sink, window=window, **common)
+            else:
+                dev = query.device
+                st = (
+                    torch.zeros(b, dtype=torch.long, device=dev) if mask.start is None else mask.start.to(dev)
+                )
+                pos = layer.comp_pos.to(dev).view(1, -1) - st.view(b, 1)  # token positions per row
+                if mask.key_padding is not None:  # holes in the mask: those slots count as empty
+                    pos = torch.where(mask.key_padding.to(dev)[:, layer.comp_pos], pos, -1)
+                q_pos = torch.arange(layer.seen - nq, layer.seen, device=dev).view(1, -1) - st.view(b, 1)
+                o = pos_attention(q, layer.comp_k, layer.comp_v, pos, q_pos, sink, window, scale=scale,
+                                  softcap=softcap)  # fmt: skip
         out[:, qi] = o
     layer.prune(mask.start)
     return out
@@ -211,6 +228,11 @@ def output_cache(out):
     return out["cache"] if "cache" in out else out.get("past_key_values")
 
 
+def find_cache(kwargs: dict, name: str):
+    """The cache a forward was called with, under its keyword `name` or either spelling; None if none."""
+    return next((kwargs[k] for k in (name, "cache", "past_key_values") if kwargs.get(k) is not None), None)
+
+
 def install(model, make_layers) -> callable:
     """Put SplitLayers (from `make_layers()`: {layer index: SplitLayer factory}) into every fresh DynamicCache
     the model runs with; returns the undo callback."""
@@ -223,9 +245,7 @@ def install(model, make_layers) -> callable:
         return cache
 
     def hook(module, args, kwargs):
-        cache = next(
-            (kwargs[k] for k in (name, "cache", "past_key_values") if kwargs.get(k) is not None), None
-        )
+        cache = find_cache(kwargs, name)
         if isinstance(cache, DynamicCache):
             if cache.get_seq_length() == 0:
                 convert(cache)

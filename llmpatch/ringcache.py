@@ -12,7 +12,7 @@ Memory is exact per group: B x Hg x (sink + ring) x D per tensor, whatever the p
 
 `update()` hands the attention function a `RingKV` handle holding the new keys and values. The first call
 (the prompt) attends over them with the layer's sink + window pattern on the kernel backends, then writes the
-survivors into the ring; later calls attend over ring + new tokens (an explicit attention in query-row chunks,
+survivors into the ring; later calls attend over ring + new tokens (`kvcache.pos_attention`, in query-row chunks,
 exact for any number of new tokens because the ring holds each query's last `window` tokens) and then write.
 """
 
@@ -21,9 +21,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from . import kvcache
 from .errors import PatchStateError
-
-ROW_CHUNK_ELEMENTS = 1 << 22  # scores held per chunk of query rows (B x H x rows x keys)
 
 
 class RingKV:
@@ -39,8 +38,9 @@ class RingKV:
 
 
 class _Group:
-    def __init__(self, idx: list[int], sink: int, ring: int | None):
+    def __init__(self, idx: list[int], g: int, sink: int, ring: int | None):
         self.idx = torch.tensor(idx, dtype=torch.long)
+        self.qidx = (self.idx.view(-1, 1) * g + torch.arange(g).view(1, -1)).flatten()  # their query heads
         self.sink, self.ring = sink, ring  # ring None: keep every token (contiguous slots)
         self.k = self.v = self.pos = None
 
@@ -62,7 +62,7 @@ class RingLayer(DynamicLayer):
             full = bool((window[kv] < 0).any())
             key = (0, None) if full else (int(sink[kv].max()), int(window[kv].max()))
             spans.setdefault(key, []).append(kv)
-        self.groups = [_Group(idx, s, r) for (s, r), idx in sorted(spans.items(), key=lambda x: x[1])]
+        self.groups = [_Group(idx, g, s, r) for (s, r), idx in sorted(spans.items(), key=lambda x: x[1])]
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -77,16 +77,15 @@ class RingLayer(DynamicLayer):
                 "attention_mask: the ring-buffer cache takes left padding only (no holes inside a sequence)"
             )
         b, h, nq, d = query.shape
-        g = h // self.num_kv_heads
         scale = d**-0.5 if scale is None else scale
         dev = query.device
         start = torch.zeros(b, dtype=torch.long, device=dev) if mask.start is None else mask.start.to(dev)
         new_pos = torch.arange(handle.first, handle.first + handle.k.shape[2], device=dev) - start[:, None]
         out = query.new_empty(b, h, nq, handle.v.shape[-1])
         for grp in self.groups:
-            qi = (grp.idx.view(-1, 1) * g + torch.arange(g).view(1, -1)).flatten()
-            q, kn, vn = query[:, qi.to(dev)], handle.k[:, grp.idx.to(dev)], handle.v[:, grp.idx.to(dev)]
-            sink, window = decision.sink[qi].to(dev), decision.window[qi].to(dev)
+            qi, kvi = grp.qidx.to(dev), grp.idx.to(dev)
+            q, kn, vn = query[:, qi], handle.k[:, kvi], handle.v[:, kvi]
+            sink, window = decision.sink[grp.qidx].to(dev), decision.window[grp.qidx].to(dev)
             common = dict(scale=scale, softcap=softcap, sliding_window=decision.sliding_window)
             if grp.ring is None:  # every token kept: the slots are contiguous, as in a DynamicLayer
                 k = kn if grp.k is None else torch.cat([grp.k, kn], 2)
@@ -101,9 +100,9 @@ class RingLayer(DynamicLayer):
             else:
                 k, v = torch.cat([grp.k, kn], 2), torch.cat([grp.v, vn], 2)
                 pos = torch.cat([grp.pos, new_pos], 1)
-                o = ring_attention(q, k, v, pos, new_pos, sink, window, **common)
+                o = kvcache.pos_attention(q, k, v, pos, new_pos, sink, window, **common)
                 self._write(grp, kn, vn, new_pos)
-            out[:, qi.to(dev)] = o
+            out[:, qi] = o
         return out
 
     def _write(self, grp: _Group, k, v, pos) -> None:
@@ -164,41 +163,10 @@ class RingLayer(DynamicLayer):
         self.batch_select_indices(beam_idx.to(self.device))
 
 
-def ring_attention(q, k, v, pos, q_pos, sink, window, *, scale, softcap=None, sliding_window=None):
-    """Exact attention of q [B, H, Nq, D] at token positions q_pos [B, Nq] over keys k, v [B, Hkv, L, D] at
-    positions pos [B, L] (-1 = empty slot), under per-query-head sink [H] and window [H] (-1 = unlimited).
-    Query rows go in chunks of at most ROW_CHUNK_ELEMENTS scores; fully masked rows give 0."""
-    b, h, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    g = h // hkv
-    kf, vf = k.float(), v.float()
-    kp = pos[:, None, None, :]  # [B, 1, 1, L]
-    s_h, w_h = sink.view(1, h, 1, 1), window.view(1, h, 1, 1)
-    out = torch.empty(b, h, nq, v.shape[-1], dtype=q.dtype, device=q.device)
-    rows = max(1, ROW_CHUNK_ELEMENTS // max(1, b * h * nk))
-    for r0 in range(0, nq, rows):
-        r1 = min(nq, r0 + rows)
-        qp = q_pos[:, None, r0:r1, None]  # [B, 1, rows, 1]
-        allowed = (kp >= 0) & (kp <= qp) & ((kp < s_h) | (w_h < 0) | (qp - kp < w_h))
-        if sliding_window is not None:
-            allowed &= qp - kp < sliding_window
-        qg = q[:, :, r0:r1].float().reshape(b, hkv, g * (r1 - r0), d)
-        s = torch.matmul(qg, kf.transpose(-1, -2)).view(b, h, r1 - r0, nk) * scale
-        if softcap is not None:
-            s = torch.tanh(s / softcap) * softcap
-        s = s.masked_fill(~allowed, float("-inf"))
-        p = torch.softmax(s, -1).nan_to_num(0.0)
-        o = torch.matmul(p.view(b, hkv, g * (r1 - r0), nk), vf).view(b, h, r1 - r0, -1)
-        out[:, :, r0:r1] = o.to(q.dtype)
-    return out
-
-
-def install(model, spec, layers, *, only_global: bool = True):
+def install(model, spec, layers):
     """Put RingLayers into every fresh DynamicCache the model runs with (layers with the model's own sliding
     window keep their bounded cache); returns the undo callback."""
-    from . import kvcache
-
-    chosen = [i for i in range(spec.num_layers) if not only_global or spec.sliding_window[i] is None]
+    chosen = [i for i in range(spec.num_layers) if spec.sliding_window[i] is None]
 
     def make():
         return {i: (lambda i=i: RingLayer(layers[i], spec.num_kv_heads)) for i in chosen}
@@ -219,14 +187,10 @@ def install_elastic(model, layers, spans, length: int | None):
     cache), set every layer's sink and window from `spans(N)` -> {layer: (sink [H], window [H])}, with N the
     prompt length (in a batch, the padded length) or the fixed `length`. Decode steps keep the prompt's spans.
     Returns the undo callback."""
-    from . import kvcache
-
     name = kvcache.cache_argument(model)
 
     def hook(module, args, kwargs):
-        cache = next(
-            (kwargs[k] for k in (name, "cache", "past_key_values") if kwargs.get(k) is not None), None
-        )
+        cache = kvcache.find_cache(kwargs, name)
         n = input_length(args, kwargs)
         if n is None or (cache is not None and cache.get_seq_length() > 0):
             return None

@@ -56,8 +56,33 @@ def density_at(alphas, betas, n: int, *, min_span: int = 128) -> float:
     return sum(vals) / len(vals)
 
 
+class ElasticSinkWindow(Method):
+    """Shared by `moa` and `streamingllm`: per-head sink + window spans that may grow with the input length,
+    set before each prompt, and (with `ring`) the ring-buffer decode cache. Subclasses give `spans(spec)`, a
+    function of N returning {layer: (sink [H], window [H])}, and the fields `length` and `ring`."""
+
+    def spans(self, spec):
+        raise NotImplementedError
+
+    def configure(self, spec, layers):
+        n = self.length or spec.max_position_embeddings or 4096  # until a prompt sets N
+        for i, (sink, window) in self.spans(spec)(n).items():
+            layers[i].set_static(self.name, sink, window)
+            if self.ring:
+                for kind in ("calibration", "head mask"):  # the ring path does not apply them yet
+                    layers[i].claim(kind, self.name)
+
+    def install(self, model, spec, layers):
+        from .. import ringcache  # imports transformers: not at package import time
+
+        undo = [ringcache.install_elastic(model, layers, self.spans(spec), self.length)]
+        if self.ring:
+            undo.append(ringcache.install(model, spec, layers))
+        return lambda: [u() for u in reversed(undo)]
+
+
 @dataclasses.dataclass
-class MoA(Method):
+class MoA(ElasticSinkWindow):
     name = "moa"
     summary = "per-head elastic sink + window from a profiled plan, with a per-head ring-buffer decode cache"
 
@@ -85,23 +110,8 @@ class MoA(Method):
         if any(not 0 <= b <= 1 for r in self.betas for b in r):
             raise ParameterError("moa: parameter 'betas' must hold numbers in [0, 1]")
 
-    def spans(self, n: int):
-        return spans_at(self.alphas, self.betas, n, sink=self.sink, min_span=self.min_span)
-
-    def configure(self, spec, layers):
-        for i, (sink, window) in self.spans(self.length or spec.max_position_embeddings or 4096).items():
-            layers[i].set_static(self.name, sink, window)
-            if self.ring:
-                for kind in ("calibration", "head mask"):  # the ring path does not apply them yet
-                    layers[i].claim(kind, self.name)
-
-    def install(self, model, spec, layers):
-        from .. import ringcache  # imports transformers: not at package import time
-
-        undo = [ringcache.install_elastic(model, layers, self.spans, self.length)]
-        if self.ring:
-            undo.append(ringcache.install(model, spec, layers))
-        return lambda: [u() for u in reversed(undo)]
+    def spans(self, spec):
+        return lambda n: spans_at(self.alphas, self.betas, n, sink=self.sink, min_span=self.min_span)
 
 
 def import_official(source, spec=None) -> dict:

@@ -15,12 +15,12 @@ import dataclasses
 import torch
 
 from ..errors import ParameterError
-from .base import Method, param
-from .moa import spans_at
+from .base import param
+from .moa import ElasticSinkWindow, spans_at
 
 
 @dataclasses.dataclass
-class StreamingLLM(Method):
+class StreamingLLM(ElasticSinkWindow):
     name = "streamingllm"
     summary = "uniform attention sink + sliding window with a bounded (ring-buffer) KV cache"
 
@@ -48,19 +48,3 @@ class StreamingLLM(Method):
                             min_span=self.sink + 1)  # fmt: skip
 
         return at
-
-    def configure(self, spec, layers):
-        n = self.length or spec.max_position_embeddings or 4096
-        for i, (sink, window) in self.spans(spec)(n).items():
-            layers[i].set_static(self.name, sink, window)
-            if self.ring:
-                for kind in ("calibration", "head mask"):
-                    layers[i].claim(kind, self.name)
-
-    def install(self, model, spec, layers):
-        from .. import ringcache
-
-        undo = [ringcache.install_elastic(model, layers, self.spans(spec), self.length)]
-        if self.ring:
-            undo.append(ringcache.install(model, spec, layers))
-        return lambda: [u() for u in reversed(undo)]
