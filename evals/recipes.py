@@ -27,7 +27,8 @@ from llmpatch.errors import LlmpatchError, ParameterError
 from .runner import BASELINE, MethodConfig
 from .suites import SUITES
 
-TOP_KEYS = {"model", "seed", "samples", "haystack", "suites", "methods", "description", "dtype", "device"}
+TOP_KEYS = {"model", "seed", "samples", "haystack", "suites", "methods", "description", "dtype", "device",
+            "beyond_context", "answer_logprob"}  # fmt: skip
 SUITE_KEYS = {"lengths", "depths", "samples"}
 METHOD_KEYS = {"label", "method", "params", "plan"}
 
@@ -51,6 +52,8 @@ class Recipe:
     dtype: str | None = None
     device: str | None = None
     description: str = ""
+    beyond_context: bool = False  # lengths past the model's context are allowed (extrapolation runs)
+    answer_logprob: bool = True
     raw: dict = field(default_factory=dict)
 
 
@@ -89,6 +92,10 @@ def load_recipe(path: str | Path) -> Recipe:
     default_samples = data.get("samples", 1)
     if not isinstance(default_samples, int) or default_samples < 1:
         raise _err(path, "samples", f"must be an integer >= 1, got {default_samples!r}")
+
+    for key in ("beyond_context", "answer_logprob"):
+        if not isinstance(data.get(key, False), bool):
+            raise _err(path, key, f"must be true or false, got {data[key]!r}")
 
     suites = []
     if not isinstance(data["suites"], dict) or not data["suites"]:
@@ -154,6 +161,8 @@ def load_recipe(path: str | Path) -> Recipe:
         dtype=data.get("dtype"),
         device=data.get("device"),
         description=str(data.get("description", "")),
+        beyond_context=data.get("beyond_context", False),
+        answer_logprob=data.get("answer_logprob", True),
         raw=data,
     )
 

@@ -37,15 +37,17 @@ class MethodConfig:
         return llmpatch.apply(model, self.methods, self.plan, **self.params)
 
 
-def check_lengths(model, lengths) -> list[int]:
-    limit = getattr(model.config, "max_position_embeddings", None)
+def check_lengths(model, lengths, beyond_context: bool = False) -> list[int]:
+    """Prompt lengths, at most the model's context unless `beyond_context` (length extrapolation runs)."""
+    limit = None if beyond_context else getattr(model.config, "max_position_embeddings", None)
     out = []
     for n in lengths:
         if not isinstance(n, int) or isinstance(n, bool) or n < 64:
             raise ParameterError(f"lengths: each length must be an int >= 64 tokens, got {n!r}")
         if limit is not None and n > limit:
             raise ParameterError(
-                f"lengths: {n} tokens exceeds the model's context of {limit} tokens (max_position_embeddings)"
+                f"lengths: {n} tokens exceeds the model's context of {limit} tokens (max_position_embeddings); "
+                "pass beyond_context (recipe key, --beyond-context) to measure past it on purpose"
             )
         out.append(n)
     return out
@@ -75,10 +77,13 @@ def run_suite(
     seed: int = 0,
     haystack: Haystack | None = None,
     progress=None,
+    beyond_context: bool = False,
+    logprob: bool = True,
 ) -> dict:
-    """Run one suite; returns {"suite", "configs": [{"label", "cells": [...], "samples": [...]}], ...}."""
+    """Run one suite; returns {"suite", "configs": [{"label", "cells": [...], "samples": [...]}], ...}.
+    `logprob=False` skips the teacher-forced answer log-probability (a second forward per sample)."""
     suite = get_suite(suite) if isinstance(suite, str) else suite
-    lengths = check_lengths(model, lengths)
+    lengths = check_lengths(model, lengths, beyond_context)
     if not isinstance(samples, int) or samples < 1:
         raise ParameterError(f"samples: must be an int >= 1, got {samples!r}")
     depth_grid = check_depths(depths or [0.1, 0.3, 0.5, 0.7, 0.9]) if suite.grid_depths else [None]
@@ -112,7 +117,7 @@ def run_suite(
                             "score": suite.score(s, gen.text),
                             **{k: v for k, v in gen.to_dict().items() if k != "text"},
                         }
-                        if s.answer_text is not None:
+                        if logprob and s.answer_text is not None:
                             rec["answer_logprob"] = answer_logprob(model, tokenizer, s.prompt, s.answer_text)
                         cell.append(rec)
                         if progress:
@@ -145,6 +150,7 @@ def run_suite(
         "depths": depth_grid,
         "samples_per_cell": samples,
         "seed": seed,
+        "beyond_context": beyond_context,
         "haystack": haystack.path if haystack and haystack.path else "generated",
         "configs": results,
     }

@@ -145,3 +145,29 @@ def detect(model: nn.Module) -> ModelSpec:
         rope=dict(getattr(config, "rope_parameters", None) or {}),
         attention_paths=[name for name, _ in modules],
     )
+
+
+def rope_table(model: nn.Module, module: nn.Module):
+    """A function (device, dtype, n) -> (cos, sin) [n, head_dim]: the position embeddings the model gives
+    attention module `module` at positions 0..n-1, from the model's own rotary module (same values)."""
+    import inspect
+
+    import torch
+
+    found = [m for _, m in model.named_modules() if type(m).__name__.endswith("RotaryEmbedding")]
+    if len(found) != 1:
+        raise UnsupportedModelError(
+            f"model: expected one rotary embedding module, found {len(found)}; longheads needs the model's RoPE"
+        )
+    rotary = found[0]
+    takes_type = "layer_type" in inspect.signature(rotary.forward).parameters
+    layer_type = getattr(module, "layer_type", None)
+
+    def table(device, dtype, n):
+        x = torch.zeros(1, dtype=dtype, device=device)
+        pos = torch.arange(n, device=device)[None]
+        with torch.no_grad():
+            cos, sin = rotary(x, pos, layer_type) if takes_type else rotary(x, pos)
+        return cos[0], sin[0]
+
+    return table

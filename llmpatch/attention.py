@@ -142,6 +142,9 @@ def llmpatch_attention(
         key_padding=mask.key_padding,
         sliding_window=decision.sliding_window,
     )
+    if decision.attend is not None:  # a method's own attention (LongHeads: un-rotated keys, chosen chunks)
+        out = decision.attend(decision, query, key, value, mask, scaling, softcap)
+        return out.transpose(1, 2).contiguous(), None
     facts = _facts(decision)
     if facts["pattern"]:
         kw.update(sink=decision.sink.to(query.device), window=decision.window.to(query.device))

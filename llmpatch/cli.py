@@ -224,6 +224,12 @@ def run_cmd(
     seed: int = typer.Option(0, "--seed"),
     haystack: Path = typer.Option(None, "--haystack", help="a text file to use as haystack"),
     out: Path = typer.Option(None, "--out", help="output folder (default runs/<time>-<suite>)"),
+    beyond_context: bool = typer.Option(
+        False, "--beyond-context", help="allow lengths past the model's context (extrapolation runs)"
+    ),
+    logprob: bool = typer.Option(
+        True, "--logprob/--no-logprob", help="also score the answer's log-probability (a second forward)"
+    ),
 ):
     """Run one suite on the unpatched model and, with --method, on the patched one."""
     from rich.progress import Progress
@@ -246,7 +252,8 @@ def run_cmd(
         m, tok = load_model(model, progress=err.print)
         with Progress(console=err) as progress:
             result = run_suite(m, tok, suite, lengths=length_list, samples=samples, depths=depth_list,
-                               configs=configs, seed=seed, haystack=hay, progress=progress)  # fmt: skip
+                               configs=configs, seed=seed, haystack=hay, progress=progress,
+                               beyond_context=beyond_context, logprob=logprob)  # fmt: skip
         out = out or _default_out(suite)
         payload = write_report([result], out, model=model)
     except LlmpatchError as exc:
@@ -277,7 +284,8 @@ def eval_cmd(
         with Progress(console=err) as progress:
             for s in r.suites:
                 results.append(run_suite(m, tok, s.name, lengths=s.lengths, samples=s.samples, depths=s.depths,
-                                         configs=r.configs, seed=r.seed, haystack=hay, progress=progress))  # fmt: skip
+                                         configs=r.configs, seed=r.seed, haystack=hay, progress=progress,
+                                         beyond_context=r.beyond_context, logprob=r.answer_logprob))  # fmt: skip
         out = out or _default_out(recipe.stem)
         payload = write_report(
             results, out, model=r.model, extra_meta={"recipe": r.raw, "recipe_path": r.path}

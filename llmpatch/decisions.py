@@ -5,6 +5,7 @@ fill it in; the attention function reads it and calls one backend entry point. K
 - dense: sink 0, window -1;
 - static sink + window: analytic, no index tensor;
 - dynamic block list: `selector(q, k, ...)` returns compact (kv_count, kv_index) at run time;
+- own attention: `attend(decision, q, k, v, mask, scale, softcap)` replaces the backend call (LongHeads);
 - head mask: HEAD_UNIFORM or HEAD_ZERO, on decode steps (and prefill if `mask_prefill`);
 - column calibration (ACT): `calib[h]`, with beta and threshold; sinks found at prefill are reused on decode.
 """
@@ -30,6 +31,8 @@ class LayerDecision:
     sink: torch.Tensor = None  # [H] int64
     window: torch.Tensor = None  # [H] int64, -1 = unlimited
     selector: Callable | None = None  # dynamic block list: f(q, k, decision) -> (kv_count, kv_index)
+    # a method's own attention: f(decision, q, k, v, mask, scale, softcap) -> out [B, H, Nq, D]
+    attend: Callable | None = None
     block_size: int = 64
     head_mask: torch.Tensor = None  # [H] int8: HEAD_KEEP / HEAD_UNIFORM / HEAD_ZERO
     mask_prefill: bool = False
@@ -72,6 +75,7 @@ class LayerDecision:
         return (
             bool((self.window < 0).all())
             and self.selector is None
+            and self.attend is None
             and not bool((self.head_mask != HEAD_KEEP).any())
             and not bool(self.calib.any())
         )
@@ -85,6 +89,9 @@ class LayerDecision:
             parts.append(
                 f"dynamic blocks ({getattr(self.selector, '__name__', 'selector')}, b={self.block_size})"
             )
+        if self.attend is not None:
+            fn = getattr(self.attend, "func", self.attend)
+            parts.append(f"own attention ({fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__})")
         masked = [i for i, m in enumerate(self.head_mask.tolist()) if m != HEAD_KEEP]
         if masked:
             parts.append(f"head mask {masked}{' (+prefill)' if self.mask_prefill else ''}")

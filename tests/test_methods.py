@@ -23,6 +23,23 @@ CONFIGS = {
         {"alphas": "fours", "betas": "quarters", "sink": 2, "min_span": 3, "length": 20},
     ),
     "streamingllm": ({"density": 1.0}, {"window": 5, "sink": 2}),
+    "longheads": (
+        {"chunk_size": 4, "attention_length": 32, "block_size": 2},
+        {"chunk_size": 4, "attention_length": 12, "block_size": 2},
+    ),
+    "dhsa": (
+        {"budget": 64, "block_size": 4, "sink": 4, "recent": 4},
+        {
+            "budget": 12,
+            "block_size": 4,
+            "sink": 4,
+            "recent": 4,
+            "tail": 2,
+            "stride": 2,
+            "nms": 2,
+            "per_128": 32,
+        },
+    ),
 }
 MATRICES = {"zeros": 0.0, "ones": 1.0, "fours": 4.0, "quarters": 0.25}  # a [layers][heads] plan of one value
 

@@ -6,6 +6,8 @@ from ..errors import ParameterError
 from .act import Act
 from .base import Method
 from .dense import Dense
+from .dhsa import DHSA
+from .longheads import LongHeads
 from .moa import MoA
 from .retrieval_kv import RetrievalKV
 from .retrieval_mask import RetrievalMask
@@ -20,6 +22,8 @@ REGISTRY: dict[str, type[Method]] = {
     RetrievalKV.name: RetrievalKV,
     MoA.name: MoA,
     StreamingLLM.name: StreamingLLM,
+    LongHeads.name: LongHeads,
+    DHSA.name: DHSA,
 }
 
 
