@@ -95,6 +95,21 @@ def check_layers(method: str, layers, spec: ModelSpec) -> list[int]:
     return list(layers)
 
 
+def full_attention_layers(method: str, layers, spec: ModelSpec) -> list[int]:
+    """The layers a method that replaces attention applies to: the given ones (None = every layer without the
+    model's own sliding window), refusing sliding-window layers."""
+    if layers is None:
+        return [i for i in range(spec.num_layers) if spec.sliding_window[i] is None]
+    chosen = check_layers(method, layers, spec)
+    local = [i for i in chosen if spec.sliding_window[i] is not None]
+    if local:
+        raise ParameterError(
+            f"{method}: parameter 'layers' may list full-attention layers only; layer {local[0]} has the "
+            f"model's own sliding window ({spec.sliding_window[local[0]]})"
+        )
+    return sorted(chosen)
+
+
 def check_head_pairs(method: str, heads, spec: ModelSpec) -> list[tuple[int, int]]:
     """A `heads` parameter ([layer, head] pairs), checked against the model; sorted, without repeats."""
     out = []

@@ -29,7 +29,7 @@ import dataclasses
 import functools
 
 from ..errors import ParameterError
-from .base import Method, check_layers, param
+from .base import Method, full_attention_layers, param
 
 
 @dataclasses.dataclass
@@ -50,16 +50,7 @@ class DHSA(Method):
     layers: list | None = param(None, "null (every full-attention layer) or a list of layer indices")
 
     def chosen_layers(self, spec) -> list[int]:
-        if self.layers is None:
-            return [i for i in range(spec.num_layers) if spec.sliding_window[i] is None]
-        chosen = check_layers(self.name, self.layers, spec)
-        local = [i for i in chosen if spec.sliding_window[i] is not None]
-        if local:
-            raise ParameterError(
-                f"dhsa: parameter 'layers' may list full-attention layers only; layer {local[0]} has the "
-                f"model's own sliding window ({spec.sliding_window[local[0]]})"
-            )
-        return sorted(chosen)
+        return full_attention_layers(self.name, self.layers, spec)
 
     def validate(self, spec):
         forced = self.sink + self.recent

@@ -28,7 +28,7 @@ import functools
 import torch
 
 from ..errors import ParameterError, PatchStateError
-from .base import Method, check_layers, param
+from .base import Method, full_attention_layers, param
 
 DEFAULT_ATTENTION_LENGTH = 4096
 
@@ -53,16 +53,7 @@ class LongHeads(Method):
         return min(DEFAULT_ATTENTION_LENGTH, trained) // self.chunk_size * self.chunk_size
 
     def chosen_layers(self, spec) -> list[int]:
-        if self.layers is None:
-            return [i for i in range(spec.num_layers) if spec.sliding_window[i] is None]
-        chosen = check_layers(self.name, self.layers, spec)
-        local = [i for i in chosen if spec.sliding_window[i] is not None]
-        if local:
-            raise ParameterError(
-                f"longheads: parameter 'layers' may list full-attention layers only; layer {local[0]} has the "
-                f"model's own sliding window ({spec.sliding_window[local[0]]})"
-            )
-        return chosen
+        return full_attention_layers(self.name, self.layers, spec)
 
     def validate(self, spec):
         w, bs = self.chunk_size, self.block_size
