@@ -190,24 +190,33 @@ def _selective(cfg, st, q, k, v, start, n, cos, sin, scale, softcap):
     sel = _select(cfg, st, q_mean, c)  # [B, H, G, k]
     kpos = torch.arange(kc * w, device=dev)
     allowed = (kpos <= qpos[..., None]) & (kpos < (m * w)[..., None, None])  # [B, G, R, L]
-    # Keys pre-rotated once for each list slot i (positions i*w .. i*w+w-1), then whole chunks are copied.
-    n_chunks = int(c.max()) + 1
-    kt, vt = _token_chunks(k, start, n_chunks, w), _token_chunks(v, start, n_chunks, w)
-    cs = cos[: kc * w].view(kc, 1, 1, 1, w, d)
-    kslot = rotate(kt.unsqueeze(0), cs, sin[: kc * w].view(kc, 1, 1, 1, w, d)).reshape(-1, w, d)
-    vflat = vt.reshape(-1, w, d)
     kvh = torch.arange(h, device=dev) // (h // hkv)
-    base = (torch.arange(b, device=dev)[:, None] * hkv + kvh[None]) * n_chunks  # [B, H]
-    sel_f = sel.permute(0, 2, 1, 3) + base[:, None, :, None]  # [B, G, H, k] flat (b, kvh) chunk rows
-    slot_off = (torch.arange(kc, device=dev) * (b * hkv * n_chunks)).view(1, 1, 1, kc)
+    # Many groups (prefill): rotate every chunk once per list slot i (positions i*w .. i*w+w-1), then copy whole
+    # chunks. Few groups (decode): copy the chosen keys, then rotate only those.
+    pre_rotate = hkv * nk < h * ng * w
+    if pre_rotate:
+        n_chunks = int(c.max()) + 1
+        kt, vt = _token_chunks(k, start, n_chunks, w), _token_chunks(v, start, n_chunks, w)
+        cs, sn = cos[: kc * w].view(kc, 1, 1, 1, w, d), sin[: kc * w].view(kc, 1, 1, 1, w, d)
+        kslot, vflat = rotate(kt.unsqueeze(0), cs, sn).reshape(-1, w, d), vt.reshape(-1, w, d)
+        base = (torch.arange(b, device=dev)[:, None] * hkv + kvh[None]) * n_chunks  # [B, H]
+        sel_f = sel.permute(0, 2, 1, 3) + base[:, None, :, None]  # [B, G, H, k] flat (b, kvh) chunk rows
+        slot_off = (torch.arange(kc, device=dev) * (b * hkv * n_chunks)).view(1, 1, 1, kc)
     out = q.new_zeros(b, h, nq, v.shape[-1])
     step = max(1, GATHER_ELEMENTS // max(1, b * h * kc * w * d))
     for g_lo in range(0, ng, step):
         gs = slice(g_lo, min(ng, g_lo + step))
         gn = gs.stop - gs.start
-        rows = sel_f[:, gs]
-        kg = kslot.index_select(0, (rows + slot_off).flatten()).view(b * gn, h, kc * w, d)
-        vg = vflat.index_select(0, rows.flatten()).view(b * gn, h, kc * w, d)
+        if pre_rotate:
+            rows = sel_f[:, gs]
+            kg = kslot.index_select(0, (rows + slot_off).flatten()).view(b * gn, h, kc * w, d)
+            vg = vflat.index_select(0, rows.flatten()).view(b * gn, h, kc * w, d)
+        else:
+            tok = (sel[:, :, gs, :, None] * w + torch.arange(w, device=dev)).flatten(-2)  # [B, H, g, L]
+            slots = (tok + start.view(b, 1, 1, 1)).clamp(max=nk - 1).transpose(1, 2)  # [B, g, H, L]
+            bi, hh = torch.arange(b, device=dev).view(b, 1, 1, 1), kvh.view(1, 1, h, 1)
+            kg = rotate(k[bi, hh, slots], cos[: kc * w], sin[: kc * w]).view(b * gn, h, kc * w, d)
+            vg = v[bi, hh, slots].view(b * gn, h, kc * w, d)
         qr = rotate(qg[:, :, gs], cos[qpos[:, gs]][:, None], sin[qpos[:, gs]][:, None])
         qr = qr.transpose(1, 2).reshape(b * gn, h, r, d)
         o = _attend(qr, kg, vg, allowed[:, gs].reshape(b * gn, 1, r, kc * w), scale, softcap)
