@@ -147,8 +147,8 @@ def detect(model: nn.Module) -> ModelSpec:
     )
 
 
-def rope_table(model: nn.Module, module: nn.Module):
-    """A function (device, dtype, n) -> (cos, sin) [n, head_dim]: the position embeddings the model gives
+def rope_table(model: nn.Module):
+    """A function (module, device, dtype, n) -> (cos, sin) [n, head_dim]: the position embeddings the model gives
     attention module `module` at positions 0..n-1, from the model's own rotary module (same values)."""
     import inspect
 
@@ -161,13 +161,15 @@ def rope_table(model: nn.Module, module: nn.Module):
         )
     rotary = found[0]
     takes_type = "layer_type" in inspect.signature(rotary.forward).parameters
-    layer_type = getattr(module, "layer_type", None)
 
-    def table(device, dtype, n):
+    def table(module, device, dtype, n):
         x = torch.zeros(1, dtype=dtype, device=device)
         pos = torch.arange(n, device=device)[None]
         with torch.no_grad():
-            cos, sin = rotary(x, pos, layer_type) if takes_type else rotary(x, pos)
+            if takes_type:
+                cos, sin = rotary(x, pos, getattr(module, "layer_type", None))
+            else:
+                cos, sin = rotary(x, pos)
         return cos[0], sin[0]
 
     return table

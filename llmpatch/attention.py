@@ -23,6 +23,12 @@ class CompactMask:
     start: torch.Tensor | None  # [B] key index of each sequence's first token (<= 0 if dropped); None = 0
     key_padding: torch.Tensor | None  # [B, Nk] bool, only when padding is not a left-padded prefix
 
+    def row_start(self, b: int, device) -> torch.Tensor:
+        """[B] key index of each sequence's first token (0 without padding)."""
+        if self.start is None:
+            return torch.zeros(b, dtype=torch.long, device=device)
+        return self.start.to(device)
+
 
 MASK_CHECK_PAIRS = 4096
 

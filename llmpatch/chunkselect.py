@@ -47,12 +47,13 @@ def rotate(x, cos, sin):
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def _state(decision, b, h, d, nq, nk, device) -> State:
+def _state(decision, q, w, nk) -> State:
+    b, h, nq, d = q.shape
     cache = decision.state.get("longheads_cache")
     store = {} if cache is None else cache.__dict__.setdefault(STATE_ATTR, {})
     st = store.get(decision.layer)
     if st is None or nk == nq:
-        st = State(0, torch.zeros(b, h, 0, d, device=device), torch.zeros(b, h, 1, d, device=device))
+        st = State(0, q.new_zeros(b, h, 0, d, dtype=torch.float32), q.new_zeros(b, h, w, d))
     elif st.seen != nk - nq or st.summ.shape[0] != b:
         raise PatchStateError(
             f"cache: layer {decision.layer} holds {nk - nq} tokens but longheads saw {st.seen} "
@@ -85,8 +86,6 @@ def _summarise(cfg, st, q, k, v, start, n, cos, sin, scale, softcap):
     prior = (n - nq).clamp(min=0)  # tokens each row had before this call
     c0, done = prior // w, n // w
     bi = torch.arange(b, device=dev)
-    if st.qpart.shape[2] != w:
-        st.qpart = torch.zeros(b, h, w, d, dtype=q.dtype, device=dev)
     n_new = int((done - c0).max())
     if n_new > 0:
         if st.summ.shape[2] < int(done.max()):
@@ -246,18 +245,14 @@ def attend(cfg: Config, decision, q, k, v, mask, scale, softcap):
     b, h, nq, d = q.shape
     nk, dev = k.shape[2], q.device
     scale = d**-0.5 if scale is None else scale
-    start = (
-        torch.zeros(b, dtype=torch.long, device=dev)
-        if mask.start is None
-        else mask.start.to(dev).clamp(min=0)
-    )
+    start = mask.row_start(b, dev)
     n = nk - start
     cos, sin = decision.state["longheads_rope"](q.device, q.dtype)  # [A, D]
-    st = _state(decision, b, h, d, nq, nk, dev)
+    st = _state(decision, q, cfg.chunk_size, nk)
     _summarise(cfg, st, q, k, v, start, n, cos, sin, scale, softcap)
     st.seen = nk
-    causal = density.causal_count(b, h, nq, nk, start=mask.start, device=dev)
     tracker = decision.state.get("tracker")
+    causal = density.causal_count(b, h, nq, nk, start=mask.start, device=dev) if tracker is not None else 0
     if int(n.max()) <= cfg.k * cfg.chunk_size:  # inside the attention length: ordinary attention
         if tracker is not None:
             tracker.add(causal, causal)

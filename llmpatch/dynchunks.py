@@ -108,7 +108,7 @@ def block_lists(cfg: Config, q, k, chunk, n, sliding_window):
         forced = (forced | (qb.view(1, -1, 1) >= tail_from)) & causal
         rank = torch.where(forced, torch.inf, torch.where(causal, score, -torch.inf))
         take = torch.minimum(causal.sum(-1), torch.clamp(forced.sum(-1), min=n_keep))
-        width = min(max_k, nb)
+        width = max_k
         if bool((qb.view(1, -1) >= tail_from.view(-1, 1)).any()):
             width = nb  # the dense tail lists every causal block
         # best first; equal scores (blocks of one chunk) go to the more recent block
@@ -127,11 +127,7 @@ def attend(cfg: Config, shared: dict, first: bool, decision, q, k, v, mask, scal
     b, h, nq, d = q.shape
     nk, dev = k.shape[2], q.device
     scale = d**-0.5 if scale is None else scale
-    start = (
-        torch.zeros(b, dtype=torch.long, device=dev)
-        if mask.start is None
-        else mask.start.to(dev).clamp(min=0)
-    )
+    start = mask.row_start(b, dev)
     n = nk - start
     tracker = decision.state.get("tracker")
     dense = nq != nk or int(n.max()) <= cfg.budget or mask.key_padding is not None or mask.kv_offset

@@ -203,9 +203,7 @@ def split_attention(decision, query, handle: SplitKV, mask, scale, softcap, disp
                 o, _ = dispatch.attention(q, layer.comp_k, layer.comp_v, sink=sink, window=window, **common)
             else:
                 dev = query.device
-                st = (
-                    torch.zeros(b, dtype=torch.long, device=dev) if mask.start is None else mask.start.to(dev)
-                )
+                st = mask.row_start(b, dev)
                 pos = layer.comp_pos.to(dev).view(1, -1) - st.view(b, 1)  # token positions per row
                 if mask.key_padding is not None:  # holes in the mask: those slots count as empty
                     pos = torch.where(mask.key_padding.to(dev)[:, layer.comp_pos], pos, -1)

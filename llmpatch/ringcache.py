@@ -79,7 +79,7 @@ class RingLayer(DynamicLayer):
         b, h, nq, d = query.shape
         scale = d**-0.5 if scale is None else scale
         dev = query.device
-        start = torch.zeros(b, dtype=torch.long, device=dev) if mask.start is None else mask.start.to(dev)
+        start = mask.row_start(b, dev)
         new_pos = torch.arange(handle.first, handle.first + handle.k.shape[2], device=dev) - start[:, None]
         out = query.new_empty(b, h, nq, handle.v.shape[-1])
         for grp in self.groups:

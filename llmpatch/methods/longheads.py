@@ -93,15 +93,18 @@ class LongHeads(Method):
         name = kvcache.cache_argument(model)
         length = self.resolved_length(spec)
         modules = attention_modules(model)
+        table, cached = (
+            rope_table(model),
+            {},
+        )  # one table per RoPE type (Gemma-3 layers differ), device, dtype
         handles = []
         for i in self.chosen_layers(spec):
             module, decision = modules[i][1], layers[i]
-            table, cached = rope_table(model, module), {}
 
-            def rope(device, dtype, table=table, cached=cached):
-                key = (str(device), dtype)
+            def rope(device, dtype, module=module):
+                key = (getattr(module, "layer_type", None), str(device), dtype)
                 if key not in cached:
-                    cached[key] = table(device, dtype, length)
+                    cached[key] = table(module, device, dtype, length)
                 return cached[key]
 
             decision.state["longheads_rope"] = rope
