@@ -1,4 +1,4 @@
-"""A small generated classification set for the ACT head search (METHODS.md §1: SST-2 / AGNews-like prompts,
+"""A small generated classification set for the ACT head search (docs/METHODS.md §1: SST-2 / AGNews-like prompts,
 scored by the label word's log-likelihood). Deterministic from a seed; no downloads.
 
 - sentiment: a short review built from positive or negative phrases; labels " positive" / " negative";

@@ -1,8 +1,19 @@
-"""Plots (matplotlib, Agg): accuracy against length per method, and NIAH length x depth heatmaps."""
+"""Plots (matplotlib, Agg): accuracy against length per method, NIAH length x depth heatmaps, and per-head
+score heatmaps. matplotlib comes with the `eval` extra; without it every plot is skipped with a one-line note."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+SKIPPED = "plots skipped: matplotlib is not installed (pip install 'llmpatch[eval]')"
+
+
+def available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _pyplot():
@@ -12,6 +23,25 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def head_heatmap(scores: list[list[float]], path: str | Path, title: str) -> Path | None:
+    """A layers x heads heatmap PNG, or None (with the note printed) without matplotlib."""
+    if not available():
+        print(SKIPPED)
+        return None
+    plt = _pyplot()
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(max(4, len(scores[0]) * 0.4 + 2), max(3, len(scores) * 0.22 + 1)))
+    im = ax.imshow(scores, aspect="auto", cmap="viridis", vmin=0)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def accuracy_vs_length(result: dict, path: Path, model: str) -> Path:
@@ -58,6 +88,9 @@ def niah_heatmap(result: dict, config: dict, path: Path, model: str) -> Path:
 
 
 def write_all(results: list[dict], out: Path, model: str) -> list[str]:
+    if not available():
+        print(SKIPPED)
+        return []
     files = []
     for result in results:
         files.append(accuracy_vs_length(result, out / f"{result['suite']}_accuracy.png", model).name)

@@ -5,7 +5,7 @@ Importing this package needs neither CUDA nor triton.
 
 from .api import block_sparse_attention, sink_window_attention
 from .dispatch import BACKENDS, attention
-from .reference import HEAD_KEEP, HEAD_UNIFORM, HEAD_ZERO
+from .rules import HEAD_KEEP, HEAD_UNIFORM, HEAD_ZERO
 
 __all__ = [
     "BACKENDS",

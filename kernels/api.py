@@ -16,9 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
-from .reference import HEAD_KEEP, HEAD_UNIFORM, HEAD_ZERO
-
-_MODES = {"keep": HEAD_KEEP, "uniform": HEAD_UNIFORM, "zero": HEAD_ZERO}
+from .rules import HEAD_MODES as _MODES
 
 
 def _common(q, k, v, lengths, head_mask, calib, kw):

@@ -22,17 +22,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from . import rules
 from .layout import cdiv, to_flex_block_mask
-from .reference import (
-    HEAD_KEEP,
-    HEAD_UNIFORM,
-    HEAD_ZERO,
-    block_mask,
-    per_query_head,
-    positions,
-    static_mask,
-    visible_mask,
-)
+from .reference import block_mask, per_query_head
+from .rules import HEAD_KEEP
 
 # Block lists run on flex_attention from this many keys. Measured on 2 cores (8 heads, d=64, fp32, densities
 # 10-25%): flex 1.5-1.8 ms against 11 ms for masked row chunks at 512 keys, 49 ms against 390 ms at 4096; at 256
@@ -54,13 +47,26 @@ def supports(*, calib=None, **_) -> bool:
 
 
 def attention(
-    q, k, v, *, scale=None, softcap=None, start=None, key_padding=None, sliding_window=None, sink=None,
-    window=None, kv_count=None, kv_index=None, block_size=64, head_mask=None, return_lse=False, **_,
+    q, k, v, *, scale=None, softcap=None, start=None, key_padding=None, q_pos=None, k_pos=None, k_spans=None,
+    sliding_window=None, sink=None, window=None, kv_count=None, kv_index=None, block_size=64, head_mask=None,
+    return_lse=False, **_,
 ):  # fmt: skip
     """Same contract as `reference.attention` (without ACT); returns out, or (out, lse) with return_lse."""
     b, h, nq, d = q.shape
     nk = k.shape[2]
     scale = d**-0.5 if scale is None else float(scale)
+    if k_pos is not None:  # a cache with explicit positions (a ring): few keys, one masked call per row chunk
+        if k_spans is not None:  # each position head's slots lie in one span: attend per span
+            out, lse = _spans(
+                q, k, v, scale, softcap, q_pos, k_pos, k_spans, sliding_window, sink, window, return_lse
+            )
+        else:
+            out, lse = _positioned(
+                q, k, v, scale, softcap, q_pos, k_pos, sliding_window, sink, window, return_lse
+            )
+        if head_mask is not None and bool((head_mask != HEAD_KEEP).any()):
+            out = rules.apply_head_mask(out, v, head_mask, q_pos, k_pos, sliding_window=sliding_window)
+        return (out, lse) if return_lse else out
     if kv_index is not None:
         kv_count, kv_index = per_query_head(kv_count, kv_index, h)
     if sink is not None and window is not None and not any(0 <= w < nk for w in window.tolist()):
@@ -83,8 +89,49 @@ def attention(
         out, lse = _row_chunks(q, k, v, scale, softcap, start, key_padding, sliding_window, sink, window,
                                kv_count, kv_index, block_size, return_lse)  # fmt: skip
     if head_mask is not None and bool((head_mask != HEAD_KEEP).any()):
-        out = _apply_head_mask(out, v, head_mask, start, key_padding, sliding_window)
+        qp, kp = rules.token_positions(b, nq, nk, start, key_padding, q.device)
+        out = rules.apply_head_mask(out, v, head_mask, qp, kp, sliding_window=sliding_window, ordered=True)
     return (out, lse) if return_lse else out
+
+
+def _spans(q, k, v, scale, softcap, q_pos, k_pos, spans, sliding_window, sink, window, need_lse):
+    """Keys at explicit positions where position head p's slots are k_pos[:, p, lo:hi] (`spans[p] = (lo, hi)`,
+    the rest of its row -1): each group of query heads reads only its span."""
+    b, h, nq, _ = q.shape
+    hp, hkv = k_pos.shape[1], k.shape[1]
+    g = h // hp
+    out = torch.empty(b, h, nq, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device) if need_lse else None
+    for p, (lo, hi) in enumerate(spans):
+        qs = slice(p * g, (p + 1) * g)
+        kv = p // (hp // hkv) if hp >= hkv else 0
+        pattern = (sink[qs], window[qs]) if sink is not None else (None, None)
+        o, part_lse = _positioned(q[:, qs], k[:, kv : kv + 1, lo:hi], v[:, kv : kv + 1, lo:hi], scale, softcap,
+                                  q_pos, k_pos[:, p : p + 1, lo:hi], sliding_window, *pattern, need_lse)  # fmt: skip
+        out[:, qs] = o
+        if need_lse:
+            lse[:, qs] = part_lse
+    return out, lse
+
+
+def _positioned(q, k, v, scale, softcap, q_pos, k_pos, sliding_window, sink, window, need_lse):
+    """Exact attention over keys at explicit positions, in query-row chunks of at most MASK_ELEMENTS."""
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    heads = h if (k_pos.dim() == 3 or sink is not None) else 1
+    rows = max(1, MASK_ELEMENTS // max(1, b * heads * nk))
+    out = torch.empty(b, h, nq, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device) if need_lse else None
+    for r0 in range(0, nq, rows):
+        r1 = min(nq, r0 + rows)
+        mask = rules.keep_mask(
+            q_pos[:, r0:r1], k_pos, h, sliding_window=sliding_window, sink=sink, window=window
+        )
+        o, chunk_lse = _attend(q[:, :, r0:r1], k, v, mask, scale, softcap, need_lse)
+        out[:, :, r0:r1] = o
+        if need_lse:
+            lse[:, :, r0:r1] = chunk_lse
+    return out, lse
 
 
 def _decode_band(q, k, v, scale, start, sliding_window, sink, window):
@@ -122,7 +169,7 @@ def _row_chunks(q, k, v, scale, softcap, start, key_padding, sliding_window, sin
                 bs, need_lse):  # fmt: skip
     b, h, nq, d = q.shape
     nk = k.shape[2]
-    q_pos_all, k_pos_all = positions(b, nq, nk, start, q.device)
+    q_pos_all, k_pos_all = rules.token_positions(b, nq, nk, start, key_padding, q.device)
     st_lo = 0 if start is None else int(start.clamp(min=0).min())  # earliest real token of the batch
     st_hi = 0 if start is None else int(start.clamp(min=0).max())
     # Keys beyond a query's reach are skipped: reach = widest window (layer's sliding window included).
@@ -180,11 +227,8 @@ def _row_chunks(q, k, v, scale, softcap, start, key_padding, sliding_window, sin
         key = key if steady else None
         cached = steady_masks.get(key) if steady else None
         if cached is None:
-            q_pos, k_pos = q_pos_all[:, r0:r1], k_pos_all[:, keys]
-            pad = key_padding[:, keys] if key_padding is not None else None
-            mask = visible_mask(q_pos, k_pos, key_padding=pad, sliding_window=sliding_window)
-            if sink is not None:
-                mask = mask & static_mask(q_pos, k_pos, sink, window)
+            mask = rules.keep_mask(q_pos_all[:, r0:r1], k_pos_all[:, keys], h, sliding_window=sliding_window,
+                                   sink=sink, window=window)  # fmt: skip
             if kv_index is not None:
                 mask = mask & block_mask(kv_count, kv_index, bs, r1 - r0, kend, r0)[..., keys]
             sdpa_ready = softcap is None and not need_lse
@@ -227,29 +271,6 @@ def _attend(q, k, v, mask, scale, softcap, need_lse, prepared=None):
     return o.to(q.dtype), lse.view(b, h, rows)
 
 
-def _apply_head_mask(out, v, head_mask, start, key_padding, sliding_window):
-    """HEAD_ZERO rows -> 0; HEAD_UNIFORM rows -> mean of V over the visible keys (prefix sums, fp64)."""
-    b, h, nq, d = out.shape
-    hkv, nk = v.shape[1], v.shape[2]
-    hm = head_mask.to(out.device)
-    out = out.clone()
-    out[:, hm == HEAD_ZERO] = 0
-    uni = (hm == HEAD_UNIFORM).nonzero().flatten()
-    if uni.numel():
-        q_pos, k_pos = positions(b, nq, nk, start, v.device)
-        real = (k_pos >= 0) if key_padding is None else (k_pos >= 0) & key_padding.to(torch.bool)
-        w = real.to(torch.float64)  # [B, Nk]
-        cs_v = F.pad(torch.cumsum(v.to(torch.float64) * w[:, None, :, None], dim=2), (0, 0, 1, 0))
-        cs_n = F.pad(torch.cumsum(w, dim=1), (1, 0))
-        hi = torch.arange(nk - nq, nk, device=v.device) + 1  # exclusive end per query
-        lo = (hi - sliding_window).clamp(min=0) if sliding_window is not None else torch.zeros_like(hi)
-        kv = uni // (h // hkv)
-        total = cs_v[:, kv][:, :, hi] - cs_v[:, kv][:, :, lo]  # [B, U, Nq, D]
-        count = (cs_n[:, hi] - cs_n[:, lo]).clamp(min=1)  # [B, Nq]
-        out[:, uni] = (total / count[:, None, :, None]).to(out.dtype)
-    return out
-
-
 @functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
@@ -267,15 +288,13 @@ def _flex(q, k, v, scale, softcap, start, key_padding, sliding_window, sink, win
     pad = key_padding.to(torch.bool) if key_padding is not None else None
 
     def mask_mod(bi, hi, qi, ki):
-        qk = qi + off
-        keep = (ki <= qk) & (ki >= st[bi])
-        if sliding_window is not None:
-            keep = keep & (qk - ki < sliding_window)
-        if sink_t is not None:
-            keep = keep & ((ki - st[bi] < sink_t[hi]) | (window_t[hi] < 0) | (qk - ki < window_t[hi]))
+        kp = ki - st[bi]
         if pad is not None:
-            keep = keep & pad[bi, ki]
-        return keep
+            kp = torch.where(pad[bi, ki], kp, rules.EMPTY)
+        pattern = (sink_t[hi], window_t[hi]) if sink_t is not None else (None, None)
+        return rules.keep(
+            qi + off - st[bi], kp, sliding_window=sliding_window, sink=pattern[0], window=pattern[1]
+        )
 
     def score_mod(score, bi, hi, qi, ki):
         return torch.tanh(score / softcap) * softcap

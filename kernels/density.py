@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from .reference import positions
+from .rules import token_positions
 
 
 def _row_bounds(b, nq, nk, start, sliding_window, device):
-    q_pos, k_pos = positions(b, nq, nk, start, device)  # [B, Nq], [B, Nk]
+    q_pos, k_pos = token_positions(b, nq, nk, start, device=device)  # [B, Nq], [B, Nk]
     lo = k_pos[:, :1].clamp(min=0).expand_as(q_pos)  # the first key present (a sliding cache may drop some)
     if sliding_window is not None:
         lo = torch.maximum(lo, q_pos - sliding_window + 1)

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from . import cpu, reference, sdpa
+from . import cpu, reference, rules, sdpa
 
 BACKENDS = ("reference", "sdpa", "cpu", "triton")
 ROW_CHUNK_ELEMENTS = 1 << 24  # score elements per reference chunk (rows x keys x heads)
@@ -28,7 +28,7 @@ def check_backend(name: str | None) -> str | None:
     return name
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -41,12 +41,12 @@ def pick(backend: str | None, device: torch.device | str = "cpu", **kw) -> str:
         return "cpu" if cpu.supports(**kw) else "reference"
     if backend == "sdpa" and not sdpa.supports(**kw):
         raise ValueError(
-            "backend: 'sdpa' cannot run softcap, block lists, head masks or ACT calibration; "
-            "use 'cpu', 'triton', 'reference' or None"
+            "backend: 'sdpa' cannot run softcap, block lists, head masks, ACT calibration or caches with "
+            "explicit key positions (moa, streamingllm, retrieval_kv decode); use 'cpu', 'triton', 'reference' or None"
         )
     if backend == "cpu" and not cpu.supports(**kw):
         raise ValueError("backend: 'cpu' cannot run ACT calibration; use 'reference', 'triton' or None")
-    if backend == "triton" and not on_cuda and not _interpreting():
+    if backend == "triton" and not on_cuda and not interpreting():
         raise ValueError("backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for tests)")
     return backend
 
@@ -62,7 +62,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
         from . import triton_decode, triton_prefill
 
         # Decode steps (a few queries, no holes in the mask) take the split-K kernel; ACT on decode needs the
-        # prefill's sinks (without them the step is uncalibrated, as on every backend).
+        # prefill's sinks (without them the step is uncalibrated, as on every backend). Keys at explicit
+        # positions (a ring cache) decode there too; longer calls over them take the reference, row-chunked.
+        if kw.get("k_pos") is not None:
+            if q.shape[2] <= triton_decode.MAX_Q and kw.get("calib") is None:
+                return triton_decode.attention(q, k, v, **kw), None
+            return _reference_chunked(q, k, v, **kw)
         if q.shape[2] <= triton_decode.MAX_Q < k.shape[2] and kw.get("key_padding") is None:
             calib_ok = (
                 kw.get("calib") is None or kw.get("calib_sinks") is not None or not bool(kw["calib"].any())
@@ -80,7 +85,7 @@ def attention_lse(q, k, v, *, backend: str | None = None, **kw) -> reference.Att
     if name in ("cpu", "sdpa"):
         out, lse = cpu.attention(q, k, v, return_lse=True, **kw)
         return reference.AttentionResult(out, lse, None)
-    if name == "triton":
+    if name == "triton" and kw.get("k_pos") is None:
         from . import triton_prefill
 
         return triton_prefill.attention(q, k, v, **kw)
@@ -102,11 +107,15 @@ def _reference_chunked(q, k, v, **kw):
         res = reference.attention(q, k, v, **kw)
         return res.out, res.calib_sinks
 
+    positioned = kw.get("k_pos") is not None  # keys in any order: every chunk reads every key
+
     def chunks(extra):
         for r0 in range(0, nq, rows):
             r1 = min(nq, r0 + rows)
-            kend = nk - nq + r1
+            kend = nk if positioned else nk - nq + r1
             part = {**kw, **extra}
+            if positioned:
+                part["q_pos"] = kw["q_pos"][:, r0:r1]
             if part.get("key_padding") is not None:
                 part["key_padding"] = part["key_padding"][:, :kend]
             if part.get("kv_index") is not None:
@@ -124,7 +133,7 @@ def _reference_chunked(q, k, v, **kw):
         for kend, (s, c) in chunks({"act_columns": True}):
             col_sum[..., :kend] += s
             col_count[..., :kend] += c
-        sinks = reference.find_sinks(col_sum, col_count, kw.get("calib_threshold", 0.1))
+        sinks = rules.find_sinks(col_sum, col_count, kw.get("calib_threshold", 0.1))
     outs, used = [], None
     for _, res in chunks({"calib_sinks": sinks} if sinks is not None else {}):
         outs.append(res.out)

@@ -1,7 +1,7 @@
 """Sparse layouts: converters between the analytic sink + window form, compact block lists, dense masks (tests
 only) and FlexAttention's BlockMask (the CPU path). Nothing here builds an N x N tensor except `dense_mask`.
 
-Block lists (ARCHITECTURE.md, "Sparse layouts"): kv_count[B, H, QB] int32 and kv_index[B, H, QB, MAX_K] int32,
+Block lists (docs/ARCHITECTURE.md): kv_count[B, H, QB] int32 and kv_index[B, H, QB, MAX_K] int32,
 sorted key-block ids; query block qb covers query rows [qb * bs, (qb + 1) * bs) and key block j covers key
 indices [j * bs, (j + 1) * bs). Entries at or past kv_count are ignored. A block list may be a superset of the
 pattern; the token-level mask (causal, padding, sink + window) is always applied inside the blocks.
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .reference import block_mask, positions, static_mask, visible_mask
+from . import rules
+from .reference import block_mask
 
 
 def cdiv(a: int, b: int) -> int:
@@ -23,12 +24,9 @@ def dense_mask(
     kv_count=None, kv_index=None, block_size=64, device="cpu",
 ) -> torch.Tensor:  # fmt: skip
     """[B, H, Nq, Nk] bool of the keys each query attends (for tests and the reference only)."""
-    q_pos, k_pos = positions(b, nq, nk, start, device)
-    mask = visible_mask(q_pos, k_pos, key_padding=key_padding, sliding_window=sliding_window).expand(
-        b, h, nq, nk
-    )
-    if sink is not None and window is not None:
-        mask = mask & static_mask(q_pos, k_pos, sink, window)
+    q_pos, k_pos = rules.token_positions(b, nq, nk, start, key_padding, device)
+    mask = rules.keep_mask(q_pos, k_pos, h, sliding_window=sliding_window, sink=sink, window=window)
+    mask = mask.expand(b, h, nq, nk)
     if kv_index is not None:
         mask = mask & block_mask(kv_count, kv_index, block_size, nq, nk)
     return mask
@@ -114,3 +112,13 @@ def to_flex_block_mask(kv_count, kv_index, block_size, nq, nk, mask_mod, *, full
         seq_lengths=(nq, nk),
         compute_q_blocks=False,
     )
+
+
+def to_tokens(x, start, length: int):
+    """x [B, H, N, D] in key slots -> [B, H, length, D] in token space (token t of row b is slot t + start[b]);
+    past a row's last token the contents are filler (a copy of its last slot)."""
+    b, h, n, d = x.shape
+    if length == n and not bool(start.any()):
+        return x
+    tok = torch.arange(length, device=x.device)[None] + start[:, None]
+    return x.gather(2, tok.clamp(max=n - 1)[:, None, :, None].expand(b, h, length, d))

@@ -10,15 +10,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import positions, static_mask, visible_mask
+from . import rules
 
 CHUNK_ELEMENTS = 1 << 22  # mask elements per chunk (rows x keys x heads)
 
 
-def supports(*, softcap=None, kv_index=None, head_mask=None, calib=None, **_) -> bool:
+def supports(*, softcap=None, kv_index=None, head_mask=None, calib=None, k_pos=None, **_) -> bool:
     needs_probs = head_mask is not None and bool(head_mask.any())
     needs_probs |= calib is not None and bool(calib.any())
-    return softcap is None and kv_index is None and not needs_probs
+    return softcap is None and kv_index is None and k_pos is None and not needs_probs
 
 
 def attention(
@@ -34,18 +34,17 @@ def attention(
     if not (has_pattern or padded or sliding_window is not None) and nq in (1, nk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=nq > 1, scale=scale, enable_gqa=gqa)
 
-    q_pos_all, k_pos_all = positions(b, nq, nk, start, q.device)
+    q_pos_all, k_pos_all = rules.token_positions(b, nq, nk, start, key_padding, q.device)
     heads = h if has_pattern else 1
     rows = max(1, CHUNK_ELEMENTS // max(1, nk * heads))
     out = torch.empty_like(q)
     for r0 in range(0, nq, rows):
         r1 = min(nq, r0 + rows)
         kend = nk - nq + r1  # the chunk's last query sees keys [0, kend)
-        q_pos, k_pos = q_pos_all[:, r0:r1], k_pos_all[:, :kend]
-        pad = key_padding[:, :kend] if key_padding is not None else None
-        mask = visible_mask(q_pos, k_pos, key_padding=pad, sliding_window=sliding_window)
-        if has_pattern:
-            mask = mask & static_mask(q_pos, k_pos, sink, window)
+        pattern = dict(sink=sink, window=window) if has_pattern else {}
+        mask = rules.keep_mask(
+            q_pos_all[:, r0:r1], k_pos_all[:, :kend], h, sliding_window=sliding_window, **pattern
+        )
         chunk = F.scaled_dot_product_attention(
             q[:, :, r0:r1], k[:, :, :kend], v[:, :, :kend], attn_mask=mask, scale=scale, enable_gqa=gqa
         )

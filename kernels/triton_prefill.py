@@ -15,13 +15,14 @@ visible keys) are O(N x D) prefix sums, shared with the CPU path.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .reference import HEAD_UNIFORM, HEAD_ZERO, AttentionResult
+from . import rules
+from .dispatch import interpreting
+from .reference import AttentionResult, fit_sinks
+from .rules import HEAD_UNIFORM, HEAD_ZERO
 
 
 @triton.jit
@@ -236,10 +237,6 @@ def _tuned():
     return _TUNED
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def config(
     h: int, hkv: int, d: int, pattern: int, list_per_kv: bool, block_size: int, calib: bool = False
 ) -> dict:
@@ -280,7 +277,7 @@ def _launch(q, k, v, *, scale, softcap, start, key_padding, sliding_window, sink
     zero_rows = head_mask is not None and bool((head_mask == HEAD_ZERO).any())
     grid = (triton.cdiv(nq, cfg["BLOCK_M"]), b * (h // cfg["GROUP"]))
     kernel = prefill_kernel
-    if q.device.type == "cuda" and not _interpreting():
+    if q.device.type == "cuda" and not interpreting():
         kernel = _tuned()
         cfg = {key: val for key, val in cfg.items() if key not in ("num_warps", "num_stages")}
     kernel[grid](
@@ -305,7 +302,7 @@ def attention(
     calib_threshold=0.1, calib_sinks=None, **_,
 ) -> AttentionResult:  # fmt: skip
     """Same contract as `reference.attention`; returns AttentionResult(out, lse, calib_sinks)."""
-    if q.device.type != "cuda" and not _interpreting():
+    if q.device.type != "cuda" and not interpreting():
         raise ValueError("backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1)")
     if q.dtype == torch.float64:
         raise ValueError("q: the triton backend takes fp16, bf16 or fp32, not fp64")
@@ -322,17 +319,12 @@ def attention(
             _, lse = _launch(q, k, v, calib_sinks=None, calib_beta=calib_beta, **kw)
             colsum, colcnt = _launch(q, k, v, calib_sinks=None, calib_beta=calib_beta, colsum_pass=True,
                                      lse_in=lse, **kw)  # fmt: skip
-            sinks = colsum / colcnt.clamp(min=1) > calib_threshold
-            first = torch.where(sinks.any(-1), sinks.float().argmax(-1), -1)
-            sinks &= torch.arange(sinks.shape[-1], device=q.device).view(1, 1, -1) != first.unsqueeze(-1)
+            sinks = rules.find_sinks(colsum, colcnt, calib_threshold)
         else:
-            sinks = calib_sinks[..., : k.shape[2]].to(q.device, torch.bool)
-            if sinks.shape[-1] < k.shape[2]:
-                sinks = torch.nn.functional.pad(sinks, (0, k.shape[2] - sinks.shape[-1]))
+            sinks = fit_sinks(calib_sinks.to(q.device), k.shape[2])
         used = sinks & calib.view(1, -1, 1).to(q.device)
     out, lse = _launch(q, k, v, calib_sinks=used, calib_beta=calib_beta, **kw)
     if head_mask is not None and bool((head_mask == HEAD_UNIFORM).any()):
-        from .cpu import _apply_head_mask
-
-        out = _apply_head_mask(out, v, head_mask.to(q.device), start, key_padding, sliding_window)
+        qp, kp = rules.token_positions(q.shape[0], q.shape[2], k.shape[2], start, key_padding, q.device)
+        out = rules.apply_head_mask(out, v, head_mask, qp, kp, sliding_window=sliding_window, ordered=True)
     return AttentionResult(out, lse, used)

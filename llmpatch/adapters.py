@@ -18,8 +18,6 @@ from .errors import UnsupportedModelError
 class Family:
     name: str
     model_types: tuple[str, ...]
-    qk_norm: bool = False
-    uses_softcap: bool = False
     # Mistral passes config.sliding_window to every layer; the others set `module.sliding_window` per layer.
     window_from_config: bool = False
 
@@ -30,10 +28,10 @@ FAMILIES: dict[str, Family] = {
         Family("llama", ("llama",)),  # Vicuna is a llama
         Family("mistral", ("mistral",), window_from_config=True),
         Family("qwen2", ("qwen2",)),
-        Family("qwen3", ("qwen3",), qk_norm=True),
+        Family("qwen3", ("qwen3",)),
         Family("gemma", ("gemma",)),
-        Family("gemma2", ("gemma2",), uses_softcap=True),
-        Family("gemma3_text", ("gemma3_text",), qk_norm=True),
+        Family("gemma2", ("gemma2",)),
+        Family("gemma3_text", ("gemma3_text",)),
     )
 }
 
@@ -53,16 +51,8 @@ class ModelSpec:
     hidden_size: int
     vocab_size: int
     max_position_embeddings: int | None
-    scaling: float
-    softcap: float | None
     sliding_window: list[int | None]  # per layer; None = full attention
-    qk_norm: bool
-    rope: dict = field(default_factory=dict)
     attention_paths: list[str] = field(default_factory=list)  # module path per layer, in layer order
-
-    @property
-    def group_size(self) -> int:
-        return self.num_heads // self.num_kv_heads
 
     def fingerprint(self) -> dict:
         """Config fields a plan must match; the hash covers them all."""
@@ -127,7 +117,6 @@ def detect(model: nn.Module) -> ModelSpec:
         windows = [getattr(config, "sliding_window", None)] * n_layers
     else:
         windows = [getattr(mod, "sliding_window", None) for _, mod in modules]
-    softcap = getattr(config, "attn_logit_softcapping", None) if family.uses_softcap else None
     return ModelSpec(
         family=family.name,
         model_type=model_type,
@@ -138,11 +127,7 @@ def detect(model: nn.Module) -> ModelSpec:
         hidden_size=config.hidden_size,
         vocab_size=config.vocab_size,
         max_position_embeddings=getattr(config, "max_position_embeddings", None),
-        scaling=float(getattr(first, "scaling", head_dim**-0.5)),
-        softcap=softcap,
         sliding_window=[int(w) if w else None for w in windows],
-        qk_norm=family.qk_norm,
-        rope=dict(getattr(config, "rope_parameters", None) or {}),
         attention_paths=[name for name, _ in modules],
     )
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import PatchStateError
-from .kernels import density, dispatch
+from .kernels import density, dispatch, rules
 
 NAME = "llmpatch"
 
@@ -44,9 +44,7 @@ def _check_mask_function(
     n = min(MASK_CHECK_PAIRS, q_length * kv_length)
     qi = (torch.randint(0, q_length, (n,), generator=gen) + int(q_offset)).to(device)
     ki = (torch.randint(0, kv_length, (n,), generator=gen) + int(kv_offset)).to(device)
-    want = ki <= qi
-    if local_size is not None:
-        want &= (qi - ki) < local_size
+    want = rules.visible(qi, ki, local_size)
     for b in {0, batch_size - 1}:
         got = mask_function(
             torch.full((n,), b, device=device), torch.zeros(n, dtype=torch.long, device=device), qi, ki
@@ -88,33 +86,6 @@ def compact_mask(
     return CompactMask(kv_offset, (first - kv_offset).long(), key_padding)
 
 
-def _act_sinks_for(decision, mask: CompactMask, b: int, nk: int):
-    """The prefill sink set of this layer, aligned to the current key slots, or None."""
-    stored = decision.state.get("act_sinks")
-    if stored is None or stored[1].shape[0] != b:
-        return None
-    offset, sinks = stored
-    lo = mask.kv_offset - offset
-    aligned = torch.zeros(b, sinks.shape[1], nk, dtype=torch.bool, device=sinks.device)
-    src = sinks[..., max(lo, 0) : lo + nk]
-    aligned[..., max(-lo, 0) : max(-lo, 0) + src.shape[-1]] = src
-    return aligned
-
-
-def _facts(decision) -> dict:
-    """Python-level facts about a layer's decision tensors, recomputed only when a tensor is replaced or edited
-    in place (tensor versions), so a decode step does not pay for tensor reductions in every layer."""
-    tensors = (decision.window, decision.head_mask, decision.calib)
-    key = tuple((id(t), t._version) for t in tensors)
-    cached = decision.state.get("facts")
-    if cached is None or cached[0] != key:
-        facts = {"pattern": bool((decision.window >= 0).any()), "masked": bool(decision.head_mask.any()),
-                 "calib": bool(decision.calib.any())}  # fmt: skip
-        cached = (key, facts)
-        decision.state["facts"] = cached
-    return cached[1]
-
-
 def llmpatch_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -141,55 +112,52 @@ def llmpatch_attention(
     b, h, nq, _ = query.shape
     nk = key.shape[2]
     prefill = nk == nq
-    kw = dict(
-        scale=scaling,
-        softcap=softcap,
-        start=mask.start,
-        key_padding=mask.key_padding,
-        sliding_window=decision.sliding_window,
-    )
-    if decision.attend is not None:  # a method's own attention (LongHeads: un-rotated keys, chosen chunks)
-        out = decision.attend(decision, query, key, value, mask, scaling, softcap)
+    taps = decision.taps
+    positions = decision.take_key_positions(key)
+    if decision.attend is not None:  # a method's own attention (LongHeads, DHSA)
+        out, computed = decision.attend(decision, query, key, value, mask, scaling, softcap)
+        _count(taps, decision, mask, (b, h, nq, nk), query.device, computed)
         return out.transpose(1, 2).contiguous(), None
-    facts = _facts(decision)
-    if facts["pattern"]:
-        kw.update(sink=decision.sink.to(query.device), window=decision.window.to(query.device))
-    if decision.selector is not None:
-        kv_count, kv_index = decision.selector(query, key, decision, mask)
-        kw.update(kv_count=kv_count, kv_index=kv_index, block_size=decision.block_size)
-    if (not prefill or decision.mask_prefill) and facts["masked"]:
-        kw.update(head_mask=decision.head_mask.to(query.device))
-    calibrating = facts["calib"]
-    if calibrating and (prefill or decision.calib_decode):
-        kw.update(
-            calib=decision.calib.to(query.device),
-            calib_beta=decision.calib_beta,
-            calib_threshold=decision.calib_threshold,
-        )
-        if not prefill:
-            kw["calib_sinks"] = _act_sinks_for(decision, mask, b, nk)
-            if kw["calib_sinks"] is None:
-                del kw["calib"]  # no prefill sink set for this batch: the decode row is left uncalibrated
-    tracker = decision.state.get("tracker")
-    if tracker is not None:
-        dims = dict(start=mask.start, sliding_window=decision.sliding_window, device=query.device)
-        tracker.add(
-            density.computed_count(b, h, nq, nk, **{**kw, **dims}),
-            density.causal_count(b, h, nq, nk, **dims),
-        )
-    observer = decision.state.get("observer")
-    if observer is not None and not prefill:
-        observer(decision, query, key, mask, scaling, softcap)  # e.g. retrieval-head detection
-    profiler = decision.state.get("profiler")
-    if profiler is not None:  # MoA gradient profiling: exact attention with its own backward
-        return profiler(decision, query, key, value, scaling, softcap).transpose(1, 2).contiguous(), None
-    if not isinstance(key, torch.Tensor):  # a compressed cache's handle (kvcache.SplitKV, ringcache.RingKV)
-        out, sinks = key.attend(decision, query, mask, scaling, softcap, dispatch), None
+    kw = dict(scale=scaling, softcap=softcap, sliding_window=decision.sliding_window)
+    if positions is not None:  # a cache that keeps tokens out of order: its positions, not slot order
+        kw.update(q_pos=positions.q_pos, k_pos=positions.k_pos, k_spans=positions.spans)
     else:
-        out, sinks = dispatch.attention(query, key, value, backend=decision.backend, **kw)
-    if prefill and sinks is not None:
-        decision.state["act_sinks"] = (mask.kv_offset, sinks)
+        kw.update(start=mask.start, key_padding=mask.key_padding)
+    if decision.has_pattern():
+        kw.update(sink=decision.sink.to(query.device), window=decision.window.to(query.device))
+    if decision.head_mask is not None:
+        kw.update(decision.head_mask.kernel_args(prefill, query.device))
+    calibration = decision.calibration
+    if calibration is not None:
+        kw.update(calibration.kernel_args(prefill, mask, b, nk))
+    if taps.tracker is not None:
+        dims = (b, h, nq, nk if positions is None else positions.length)  # counted as in the full cache
+        pattern = {x: kw[x] for x in ("sink", "window") if x in kw}
+
+        def computed():
+            return density.computed_count(*dims, start=mask.start, sliding_window=decision.sliding_window,
+                                          device=query.device, **pattern)  # fmt: skip
+
+        _count(taps, decision, mask, dims, query.device, computed)
+    if taps.observer is not None and not prefill:
+        taps.observer(decision, query, key, mask, scaling, softcap)  # e.g. retrieval-head detection
+    if taps.profiler is not None:  # MoA gradient profiling: exact attention with its own backward
+        return taps.profiler(decision, query, key, value, scaling, softcap).transpose(1, 2).contiguous(), None
+    out, sinks = dispatch.attention(query, key, value, backend=decision.backend, **kw)
+    if prefill and sinks is not None and calibration is not None:
+        calibration.remember(mask, sinks)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _count(taps, decision, mask, dims, device, computed) -> None:
+    """Sparsity, counted here for every call: the scores computed (a callable, evaluated only while tracking;
+    None = every visible key) against the causal total."""
+    if taps.tracker is None:
+        return
+    causal = density.causal_count(
+        *dims, start=mask.start, sliding_window=decision.sliding_window, device=device
+    )
+    taps.tracker.add(causal if computed is None else computed(), causal)
 
 
 def register() -> None:

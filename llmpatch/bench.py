@@ -104,7 +104,7 @@ def model_one(
 ) -> dict:
     """One configuration in this process: prefill seconds (best of `repeats`), decode tokens/s, peak RSS."""
     from . import apply
-    from .kvcache import cache_argument, output_cache
+    from .caches import cache_argument, output_cache
     from .measure import PeakMemory
     from .models import load_model
 

@@ -377,7 +377,8 @@ def calibrate_retrieval_cmd(
     for s, li, hi in heads[:15]:
         table.add_row(str(li), str(hi), f"{s:.3f}")
     console.print(table)
-    console.print(f"wrote {out} and {png}" + (f" and {export_official}" if export_official else ""))
+    wrote = [str(x) for x in (out, png, export_official) if x is not None]
+    console.print("wrote " + " and ".join(wrote))
 
 
 @calibrate_app.command("act")

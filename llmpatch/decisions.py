@@ -1,26 +1,59 @@
 """Per-layer, per-query-head attention decisions: the one place a Patch keeps its state on a model.
 
-Each attention module of a patched model carries one `LayerDecision` (attribute `llmpatch_layer`). Methods
-fill it in; the attention function reads it and calls one backend entry point. Kinds, per query head:
-- dense: sink 0, window -1;
-- static sink + window: analytic, no index tensor;
-- dynamic block list: `selector(q, k, ...)` returns compact (kv_count, kv_index) at run time;
-- own attention: `attend(decision, q, k, v, mask, scale, softcap)` replaces the backend call (LongHeads);
-- head mask: HEAD_UNIFORM or HEAD_ZERO, on decode steps (and prefill if `mask_prefill`);
-- column calibration (ACT): `calib[h]`, with beta and threshold; sinks found at prefill are reused on decode.
+Each attention module of a patched model carries one `LayerDecision` (attribute `llmpatch_layer`). Methods fill it
+in; the attention function (`attention.py`) renders it into one backend call. The decision kinds (`Kind`), each
+set by at most one method per layer:
+- PATTERN: static per-head sink + window (`sink[H]`, `window[H]`, window -1 = unlimited; dense by default);
+- ATTENTION: the method's own attention (`attend`, LongHeads and DHSA), replacing the backend call;
+- HEAD_MASK: `head_mask` (a `HeadMask`), uniform or zero rows on decode steps (and prefill if asked);
+- CALIBRATION: `calibration` (ACT's `methods.act.Calibration`), which also keeps its prefill sink set.
+Observers that are not decisions sit in `taps` (sparsity tracker, calibration observer, MoA profiler). A cache
+that keeps tokens out of order hands the next call its key positions through `key_positions`.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ParameterError
-from .kernels.reference import HEAD_KEEP, HEAD_UNIFORM, HEAD_ZERO
+from .errors import ParameterError, PatchStateError
+from .kernels.rules import HEAD_KEEP, HEAD_MODES
 
-HEAD_MASK_MODES = {"uniform": HEAD_UNIFORM, "zero": HEAD_ZERO}
+
+class Kind(enum.Enum):
+    PATTERN = "static pattern"
+    ATTENTION = "attention"
+    HEAD_MASK = "head mask"
+    CALIBRATION = "calibration"
+
+
+@dataclass
+class HeadMask:
+    modes: torch.Tensor  # [H] int8: HEAD_KEEP / HEAD_UNIFORM / HEAD_ZERO
+    prefill: bool = False  # also on the prompt's attention
+
+    def kernel_args(self, prefill: bool, device) -> dict:
+        return {} if prefill and not self.prefill else {"head_mask": self.modes.to(device)}
+
+
+@dataclass
+class KeyPositions:
+    """What a cache layer that keeps tokens out of order (`caches.RingLayer`) publishes for the call it feeds."""
+
+    q_pos: torch.Tensor  # [B, Nq] token positions of the queries
+    k_pos: torch.Tensor  # [B, Hkv, Nk] token position of each key slot for each KV head, -1 = not its token
+    length: int  # the keys a full cache would hold (for counting sparsity as if dense)
+    spans: list | None = None  # [(lo, hi)] per KV head: where its slots lie (a hint for the fast paths)
+
+
+@dataclass
+class Taps:
+    tracker: object | None = None  # kernels.density.SparsityTracker
+    observer: Callable | None = None  # f(decision, q, k, mask, scale, softcap) on decode steps (retrieval)
+    profiler: Callable | None = None  # f(decision, q, k, v, scale, softcap) -> out (MoA gradient profiling)
 
 
 @dataclass
@@ -28,56 +61,71 @@ class LayerDecision:
     layer: int
     num_heads: int
     sliding_window: int | None = None  # the layer's own window (from the model), always applied
+    backend: str | None = None
     sink: torch.Tensor = None  # [H] int64
     window: torch.Tensor = None  # [H] int64, -1 = unlimited
-    selector: Callable | None = None  # dynamic block list: f(q, k, decision) -> (kv_count, kv_index)
-    # a method's own attention: f(decision, q, k, v, mask, scale, softcap) -> out [B, H, Nq, D]
-    attend: Callable | None = None
-    block_size: int = 64
-    head_mask: torch.Tensor = None  # [H] int8: HEAD_KEEP / HEAD_UNIFORM / HEAD_ZERO
-    mask_prefill: bool = False
-    calib: torch.Tensor = None  # [H] bool
-    calib_beta: float = 0.4
-    calib_threshold: float = 0.1
-    calib_decode: bool = True
-    backend: str | None = None
-    owners: dict = field(default_factory=dict)  # decision kind -> method name, to refuse conflicting methods
-    state: dict = field(default_factory=dict)  # run-time state (e.g. ACT sinks found at prefill)
+    attend: Callable | None = (
+        None  # f(decision, q, k, v, mask, scale, softcap) -> (out, computed count or None)
+    )
+    head_mask: HeadMask | None = None
+    calibration: object | None = None  # methods.act.Calibration
+    owners: dict = field(default_factory=dict)  # Kind -> method name, to refuse conflicting methods
+    taps: Taps = field(default_factory=Taps)
+    key_positions: KeyPositions | None = None  # set by a cache layer's update(), taken by the next call
 
     def __post_init__(self):
-        h = self.num_heads
         if self.sink is None:
-            self.sink = torch.zeros(h, dtype=torch.long)
+            self.sink = torch.zeros(self.num_heads, dtype=torch.long)
         if self.window is None:
-            self.window = torch.full((h,), -1, dtype=torch.long)
-        if self.head_mask is None:
-            self.head_mask = torch.full((h,), HEAD_KEEP, dtype=torch.int8)
-        if self.calib is None:
-            self.calib = torch.zeros(h, dtype=torch.bool)
+            self.window = torch.full((self.num_heads,), -1, dtype=torch.long)
 
-    def claim(self, kind: str, method: str) -> None:
+    def claim(self, kind: Kind, method: str) -> None:
         """Record that `method` sets decision `kind` here; two methods may not set the same kind."""
         other = self.owners.get(kind)
         if other is not None and other != method:
             raise ParameterError(
-                f"method: {method!r} and {other!r} both set the {kind} decision of layer {self.layer}; "
+                f"method: {method!r} and {other!r} both set the {kind.value} decision of layer {self.layer}; "
                 "compose methods that set different kinds (e.g. a sparse pattern plus 'act')"
             )
         self.owners[kind] = method
 
     def set_static(self, method: str, sink, window) -> None:
-        self.claim("static pattern", method)
+        self.claim(Kind.PATTERN, method)
         self.sink = torch.as_tensor(sink, dtype=torch.long).expand(self.num_heads).clone()
         self.window = torch.as_tensor(window, dtype=torch.long).expand(self.num_heads).clone()
+
+    def mask_head(self, method: str, head: int, mode: str, prefill: bool) -> None:
+        self.claim(Kind.HEAD_MASK, method)
+        if self.head_mask is None:
+            self.head_mask = HeadMask(torch.full((self.num_heads,), HEAD_KEEP, dtype=torch.int8), prefill)
+        self.head_mask.modes[head] = HEAD_MODES[mode]
+        self.head_mask.prefill = prefill
+
+    def has_pattern(self) -> bool:
+        """Whether any head narrows its keys: a python-level fact recomputed only when `window` is replaced or
+        edited in place (tensor versions), so a decode step pays no tensor reduction for it in every layer."""
+        key = (id(self.window), self.window._version)
+        if getattr(self, "_pattern_key", None) != key:
+            self._pattern_key, self._pattern = key, bool((self.window >= 0).any())
+        return self._pattern
+
+    def take_key_positions(self, key: torch.Tensor) -> KeyPositions | None:
+        """The positions a cache published for this call (once), checked against the key it returned."""
+        kp, self.key_positions = self.key_positions, None
+        if kp is not None and kp.k_pos.shape[-1] != key.shape[2]:
+            raise PatchStateError(
+                f"cache: layer {self.layer} published positions for {kp.k_pos.shape[-1]} key slots but attention "
+                f"got {key.shape[2]} keys; the cache was updated outside this model's forward"
+            )
+        return kp
 
     @property
     def is_dense(self) -> bool:
         return (
-            bool((self.window < 0).all())
-            and self.selector is None
+            not bool((self.window >= 0).any())
             and self.attend is None
-            and not bool((self.head_mask != HEAD_KEEP).any())
-            and not bool(self.calib.any())
+            and (self.head_mask is None or not bool(self.head_mask.modes.any()))
+            and (self.calibration is None or not bool(self.calibration.heads.any()))
         )
 
     def describe(self) -> str:
@@ -85,17 +133,12 @@ class LayerDecision:
         if bool((self.window >= 0).any()):
             pairs = sorted({(int(s), int(w)) for s, w in zip(self.sink, self.window, strict=True)})
             parts.append("sink+window " + ", ".join(f"{s}+{w if w >= 0 else 'all'}" for s, w in pairs))
-        if self.selector is not None:
-            parts.append(
-                f"dynamic blocks ({getattr(self.selector, '__name__', 'selector')}, b={self.block_size})"
-            )
         if self.attend is not None:
-            fn = getattr(self.attend, "func", self.attend)
-            parts.append(f"own attention ({fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__})")
-        masked = [i for i, m in enumerate(self.head_mask.tolist()) if m != HEAD_KEEP]
-        if masked:
-            parts.append(f"head mask {masked}{' (+prefill)' if self.mask_prefill else ''}")
-        calibrated = [i for i, c in enumerate(self.calib.tolist()) if c]
-        if calibrated:
-            parts.append(f"ACT heads {calibrated} beta={self.calib_beta} tau={self.calib_threshold}")
+            parts.append(f"own attention ({getattr(self.attend, 'label', type(self.attend).__name__)})")
+        if self.head_mask is not None:
+            masked = [i for i, m in enumerate(self.head_mask.modes.tolist()) if m != HEAD_KEEP]
+            if masked:
+                parts.append(f"head mask {masked}{' (+prefill)' if self.head_mask.prefill else ''}")
+        if self.calibration is not None and self.calibration.describe():
+            parts.append(self.calibration.describe())
         return "; ".join(parts) or "dense"

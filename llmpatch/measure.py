@@ -112,7 +112,7 @@ def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> G
             )
     finally:
         timer.close()
-    from .kvcache import dense_kv_bytes, kv_bytes, output_cache
+    from .caches import dense_kv_bytes, kv_bytes, output_cache
 
     cache = output_cache(out)
     kv = (kv_bytes(cache), dense_kv_bytes(cache)) if cache is not None else (None, None)

@@ -51,7 +51,7 @@ class Patch:
         """Count computed against causal attention scores from now on (all layers, prefill and decode)."""
         tracker = SparsityTracker()
         for layer in self.layers:
-            layer.state["tracker"] = tracker
+            layer.taps.tracker = tracker
         return tracker
 
     def plan(self) -> Plan:

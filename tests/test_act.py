@@ -2,11 +2,21 @@
 
 import pytest
 import torch
-from llmpatch.kernels.reference import act_calibrate, find_sinks
+from llmpatch.kernels.rules import act_combine, find_sinks
 
 import llmpatch
 from llmpatch.errors import ParameterError
 from llmpatch.testing import tiny_model
+
+
+def act_calibrate(probs, allowed, calib, beta, threshold, sinks=None):
+    """ACT on probability maps through the product's one definition: with V the identity, the output rows of
+    `act_combine` are the calibrated probabilities."""
+    if sinks is None:
+        sinks = find_sinks(probs.sum(2), allowed.sum(2), threshold)
+    sinks = sinks & calib.view(1, -1, 1)
+    s = sinks.unsqueeze(2).to(probs.dtype)
+    return act_combine(probs, probs * s, (probs * s).sum(-1), beta), sinks
 
 
 def random_maps(b=2, h=3, n=12, seed=0):

@@ -9,6 +9,7 @@ import torch
 from llmpatch.kernels import HEAD_ZERO
 
 import llmpatch
+from llmpatch.methods.act import Calibration
 from llmpatch.testing import tiny_model
 
 X = torch.tensor([[5, 9, 17, 33, 8, 70, 12, 90, 4, 61, 27, 44]])
@@ -76,7 +77,9 @@ def test_head_mask_applies_on_decode_only():
     step = torch.tensor([[11]])
     want_step = m(step, past_key_values=prefill.past_key_values).logits
     with llmpatch.patched(m, "dense") as patch:
-        patch.layers[1].head_mask[:] = HEAD_ZERO
+        for hi in range(4):
+            patch.layers[1].mask_head("dense", hi, "zero", prefill=False)
+        assert bool((patch.layers[1].head_mask.modes == HEAD_ZERO).all())
         out = m(X, use_cache=True)
         torch.testing.assert_close(out.logits, prefill.logits, atol=1e-5, rtol=0)
         got_step = m(step, past_key_values=out.past_key_values).logits
@@ -87,13 +90,12 @@ def test_act_sinks_found_at_prefill_are_reused_on_decode():
     m = tiny_model("llama")
     with llmpatch.patched(m, "dense") as patch:
         for layer in patch.layers:
-            layer.calib[:] = True
-            layer.calib_threshold = 0.05
+            layer.calibration = Calibration(torch.ones(4, dtype=torch.bool), threshold=0.05)
         out = m(X, use_cache=True)
-        offset, sinks = patch.layers[0].state["act_sinks"]
+        offset, sinks = patch.layers[0].calibration.sinks
         assert offset == 0 and sinks.shape == (1, 4, X.shape[1])
         m(torch.tensor([[11]]), past_key_values=out.past_key_values)
-        assert patch.layers[0].state["act_sinks"][1] is sinks  # decode reuses, never overwrites
+        assert patch.layers[0].calibration.sinks[1] is sinks  # decode reuses, never overwrites
 
 
 def test_attention_without_decisions_gives_clear_error():
@@ -123,29 +125,43 @@ def test_packed_sequences_are_refused_not_ignored():
             m(X, position_ids=packed, use_cache=False)  # transformers only detects packing without a cache
 
 
-def test_dynamic_block_selector_seam():
-    """A selector returning every causal block gives dense logits; one returning only the diagonal block
-    equals a window of the block size aligned to blocks."""
+def test_own_attention_seam():
+    """A method's own attention (`LayerDecision.attend`) replaces the backend call: block lists of every causal
+    block give dense logits, the diagonal block alone does not; its reported count reaches the tracker."""
+    from llmpatch.kernels import dispatch
+
     m = tiny_model("qwen2")
     want = m(X).logits
 
-    def all_blocks(q, k, decision, mask):
-        b, h, nq, nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
-        bs = decision.block_size
-        n_qb, n_kb = -(-nq // bs), -(-nk // bs)
-        index = torch.arange(n_kb, dtype=torch.int32).expand(b, h, n_qb, n_kb).contiguous()
-        return torch.full((b, h, n_qb), n_kb, dtype=torch.int32), index
+    class Blocks:
+        label = "test blocks"
+
+        def __init__(self, every):
+            self.every = every
+
+        def __call__(self, decision, q, k, v, mask, scale, softcap):
+            b, h, nq, nk, bs = q.shape[0], q.shape[1], q.shape[2], k.shape[2], 4
+            n_qb, n_kb = -(-nq // bs), -(-nk // bs)
+            index = torch.arange(n_kb, dtype=torch.int32).expand(b, h, n_qb, n_kb).contiguous()
+            count = torch.full((b, h, n_qb), n_kb, dtype=torch.int32)
+            if not self.every:
+                index, count = (
+                    index[..., -1:] * 0 + torch.arange(n_qb, dtype=torch.int32).view(1, 1, -1, 1),
+                    count * 0 + 1,
+                )
+            out, _ = dispatch.attention(q, k, v, scale=scale, kv_count=count, kv_index=index, block_size=bs,
+                                        start=mask.start, sliding_window=decision.sliding_window)  # fmt: skip
+            return out, lambda: 7
 
     with llmpatch.patched(m, "dense") as patch:
         for layer in patch.layers:
-            layer.selector, layer.block_size = all_blocks, 4
+            layer.attend = Blocks(True)
+        tracker = patch.track_sparsity()
         torch.testing.assert_close(m(X).logits, want, atol=1e-5, rtol=0)
-        assert "dynamic blocks (all_blocks, b=4)" in patch.describe()
+        assert "own attention (test blocks)" in patch.describe()
+        assert tracker.computed == 7 * len(patch.layers)
         for layer in patch.layers:
-            layer.selector = lambda q, k, d, mask: (
-                torch.ones(q.shape[0], q.shape[1], 3, dtype=torch.int32),
-                torch.arange(3, dtype=torch.int32).view(1, 1, 3, 1).expand(q.shape[0], q.shape[1], 3, 1),
-            )
+            layer.attend = Blocks(False)
         assert not torch.allclose(m(X).logits, want, atol=1e-3)
 
 

@@ -95,3 +95,31 @@ def test_calibrate_moa_imports_and_exports_the_official_format(smollm2, tmp_path
         app, ["calibrate", "moa", "--model", "smollm2-135m", "--density", "0", "--out", str(out)]
     )
     assert bad.exit_code == 2 and "density: must be a number in (0, 1]" in bad.output
+
+
+@pytest.mark.real
+def test_calibrate_retrieval_runs_without_the_eval_extra(smollm2, tmp_path):
+    """`pip install -e .` has neither matplotlib nor lm-eval: the calibration runs and skips its plot with a note
+    (a tiny random llama with SmolLM2's tokenizer, in a subprocess where those imports fail)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from llmpatch.models import cache_dir
+    from llmpatch.testing import tiny_model
+
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama", vocab_size=49152, max_position_embeddings=2048).save_pretrained(model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(cache_dir() / "models" / "smollm2-135m" / "hf" / name, model_dir / name)
+    out = tmp_path / "heads.json"
+    code = (
+        "import sys; sys.modules['matplotlib'] = None; sys.modules['lm_eval'] = None; "
+        "from llmpatch.cli import main; sys.argv = ['llmpatch', 'calibrate', 'retrieval', '--model', "
+        f"{str(model_dir)!r}, '--lengths', '256', '--depths', '0.5', '--out', {str(out)!r}]; main()"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "plots skipped: matplotlib is not installed" in res.stdout + res.stderr
+    assert json.loads(out.read_text())["methods"][0]["name"] == "retrieval_heads"
+    assert not out.with_suffix(".png").exists()

@@ -1,4 +1,4 @@
-"""DHSA: boundary rule, chunk-level selection against a loop written from METHODS.md §4, dense equivalence at full
+"""DHSA: boundary rule, chunk-level selection against a loop written from docs/METHODS.md §4, dense equivalence at full
 budget, batching and bad input."""
 
 import math
@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import llmpatch
-from llmpatch import dynchunks
 from llmpatch.errors import ParameterError
+from llmpatch.methods.dhsa import runtime as dynchunks
 from llmpatch.testing import tiny_model
 from tests.test_parity import left_pad, positions
 

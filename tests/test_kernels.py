@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from llmpatch.kernels import (
     block_sparse_attention,
     cpu,
+    dispatch,
     layout,
     reference,
     sink_window_attention,
@@ -278,45 +279,44 @@ def test_triton_decode_matches_reference(problem, dtype):
 
 @interpreter
 @pytest.mark.parametrize("step", [1, 3])
-def test_ring_cache_decode_equals_full_cache(step):
-    """A per-head ring buffer sized sink + window + step - 1 gives the full cache's sink+window attention."""
-    from llmpatch.kernels import ring, triton_decode
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_ring_cache_decode_equals_full_cache(step, backend):
+    """Keys at explicit positions (a per-KV-head ring buffer sized sink + window + step - 1, one KV head keeping
+    every token) give the full cache's sink+window attention on every backend."""
+    from llmpatch.caches.ring import ring_slots
 
     gen = torch.Generator().manual_seed(step)
-    b, hkv, g, d, n, bs = 2, 2, 3, 32, 120, 16
-    sink, window = torch.tensor([4, 0]), torch.tensor([10, 33])
-    size = ring.ring_size(window, step)
-    cap = int((sink + size).max())
-    kc, vc = torch.zeros(b, hkv, cap, d), torch.zeros(b, hkv, cap, d)
-    slot_pos = torch.full((b, hkv, cap), -1, dtype=torch.int32)
+    b, hkv, g, d, n = 2, 3, 2, 32, 120
+    sink, window = torch.tensor([4, 0, 0]), torch.tensor([10, 33, -1])
+    ring = torch.where(window < 0, -1, window + step - 1)
+    cap = max(int((sink + ring)[window >= 0].max()), n)
     k, v = torch.randn(b, hkv, n, d, generator=gen), torch.randn(b, hkv, n, d, generator=gen)
-    for p0 in range(0, n - step, 7):  # appended in uneven pieces
-        p1 = min(p0 + 7, n - step)
-        ring.ring_append(
-            kc, vc, slot_pos, k[:, :, p0:p1], v[:, :, p0:p1], torch.arange(p0, p1).expand(b, -1), sink, size
-        )
-    ring.ring_append(
-        kc,
-        vc,
-        slot_pos,
-        k[:, :, n - step :],
-        v[:, :, n - step :],
-        torch.arange(n - step, n).expand(b, -1),
-        sink,
-        size,
-    )
+    kc, vc = torch.zeros(b, hkv, cap, d), torch.zeros(b, hkv, cap, d)
+    slot_pos = torch.full((b, hkv, cap), -1)
+    for p in range(n):  # written in order: a later token overwrites an earlier one in the same slot
+        slot = ring_slots(torch.full((b, hkv, 1), p), sink, ring)[..., 0]
+        for kv in range(hkv):
+            kc[:, kv, slot[0, kv]], vc[:, kv, slot[0, kv]] = k[:, kv, p], v[:, kv, p]
+            slot_pos[:, kv, slot[0, kv]] = p
     q = torch.randn(b, hkv * g, step, d, generator=gen)
     q_pos = torch.arange(n - step, n).expand(b, -1)
     sq, wq = sink.repeat_interleave(g), window.repeat_interleave(g)
     full = reference.attention(q, k, v, sink=sq, window=wq).out
-    ref, _ = ring.ring_reference(q, kc, vc, slot_pos, q_pos, sink=sq, window=wq)
-    n_kb = (cap + bs - 1) // bs
-    blocks = torch.arange(n_kb, dtype=torch.int32).expand(b, hkv, n_kb).contiguous()
-    out, _ = triton_decode.decode(q, kc, vc, torch.full((b, hkv), n_kb, dtype=torch.int32), blocks, bs, q_pos=q_pos,
-                                  slot_pos=slot_pos, sink=sq, window=wq)  # fmt: skip
-    _check(ref, full, 1e-5)
+    out, _ = dispatch.attention(q, kc, vc, q_pos=q_pos, k_pos=slot_pos, sink=sq, window=wq, backend=backend)
     _check(out, full, 1e-5)
-    assert cap * 2 < n  # the ring holds fewer slots than the sequence has tokens
+    assert (slot_pos[:, :2] >= 0).sum() * 3 < 2 * b * n  # the bounded heads hold fewer slots than tokens
+    # the same slots as one flat KV head (the ring cache's layout): head h owns segment h, -1 elsewhere
+    caps = [int((sink + ring)[h]) if ring[h] >= 0 else n for h in range(hkv)]
+    spans = [(sum(caps[:h]), sum(caps[: h + 1])) for h in range(hkv)]
+    kf = torch.cat([kc[:, h, : caps[h]] for h in range(hkv)], 1).unsqueeze(1)
+    vf = torch.cat([vc[:, h, : caps[h]] for h in range(hkv)], 1).unsqueeze(1)
+    flat_pos = torch.full((b, hkv, sum(caps)), -1)
+    for h, (lo, hi) in enumerate(spans):
+        flat_pos[:, h, lo:hi] = slot_pos[:, h, : caps[h]]
+    for hint in (None, spans):
+        out, _ = dispatch.attention(q, kf, vf, q_pos=q_pos, k_pos=flat_pos, k_spans=hint, sink=sq, window=wq,
+                                    backend=backend)  # fmt: skip
+        _check(out, full, 1e-5)
 
 
 @pytest.mark.parametrize("start", [None, 0, 5, -7])
@@ -334,56 +334,6 @@ def test_cpu_decode_band_fast_path(start, sliding, sink, window):
     if start is not None:
         kw["start"] = torch.tensor([start, start])
     _check(cpu.attention(q, k, v, **kw), reference.attention(q, k, v, **kw).out, 1e-5)
-
-
-@SETTINGS
-@given(st.integers(1, 2), st.sampled_from([(2, 1), (4, 2)]), st.integers(1, 200), st.integers(0, 60),
-       st.sampled_from([16, 32]), st.integers(0, 4), st.integers(0, 2), st.integers(1, 2), st.booleans(),
-       st.integers(0, 2**16))  # fmt: skip
-def test_topk_blocks_matches_a_loop(b, heads, nk, extra, bs, top_k, sink_blocks, local_blocks, padded, seed):
-    from llmpatch.kernels.selection import pool_blocks, topk_blocks
-
-    h, hkv = heads
-    nq = max(1, nk - extra)
-    gen = torch.Generator().manual_seed(seed)
-    q, k = torch.randn(b, h, nq, 16, generator=gen), torch.randn(b, hkv, nk, 16, generator=gen)
-    start = torch.randint(0, nk, (b,), generator=gen) if padded else None
-    cnt, idx = topk_blocks(q, k, bs, top_k, sink_blocks=sink_blocks, local_blocks=local_blocks, start=start)
-    st_ = torch.zeros(b, dtype=torch.long) if start is None else start
-    for bi in range(b):
-        kp = pool_blocks(k[bi : bi + 1], bs, (torch.arange(nk) >= st_[bi]).view(1, -1))[0]
-        qp = pool_blocks(q[bi : bi + 1], bs, (torch.arange(nk - nq, nk) >= st_[bi]).view(1, -1))[0]
-        for hi in range(h):
-            for qb in range(qp.shape[1]):
-                diag = (nk - nq + min((qb + 1) * bs, nq) - 1) // bs
-                first = int(st_[bi]) // bs
-                causal = list(range(first, diag + 1))
-                forced = {j for j in causal if j < first + sink_blocks or j > diag - local_blocks}
-                scores = {j: float(qp[hi, qb] @ kp[hi // (h // hkv), j]) for j in causal if j not in forced}
-                best = sorted(scores, key=scores.get, reverse=True)[:top_k]
-                want = sorted(forced | set(best))
-                n = int(cnt[bi, hi, qb])
-                assert idx[bi, hi, qb, :n].tolist() == want
-                assert reference.block_mask(cnt, idx, bs, nq, nk).shape[-1] == nk
-
-
-def test_selected_blocks_run_on_every_backend(monkeypatch):
-    """Selection output feeds block_sparse_attention directly; all backends agree."""
-    from llmpatch.kernels.selection import topk_blocks
-
-    monkeypatch.setattr(cpu, "CROSSOVER_KEYS", 0)
-    gen = torch.Generator().manual_seed(3)
-    q, k, v = (
-        torch.randn(1, 4, 192, 32, generator=gen),
-        torch.randn(1, 2, 192, 32, generator=gen),
-        torch.randn(1, 2, 192, 32, generator=gen),
-    )
-    cnt, idx = topk_blocks(q, k, 32, 2)
-    want = block_sparse_attention(q, k, v, cnt, idx, 32, backend="reference")
-    _check(block_sparse_attention(q, k, v, cnt, idx, 32, backend="cpu"), want, 1e-5)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        _check(block_sparse_attention(q, k, v, cnt, idx, 32, backend="triton"), want, 1e-4)
-    assert layout.block_density(cnt, idx, 32, 192, 192) < 1.0
 
 
 @interpreter

@@ -1,8 +1,7 @@
-"""LongHeads: the vectorised run time against a per-token loop written from METHODS.md §2, decode with the partial
+"""LongHeads: the vectorised run time against a per-token loop written from docs/METHODS.md §2, decode with the partial
 chunk, batching, the dense configuration, and bad input."""
 
 import math
-import types
 
 import pytest
 import torch
@@ -10,11 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import llmpatch
-from llmpatch import chunkselect
 from llmpatch.attention import CompactMask
 from llmpatch.decisions import LayerDecision
 from llmpatch.errors import ParameterError, PatchStateError
 from llmpatch.methods.longheads import LongHeads
+from llmpatch.methods.longheads.runtime import ChunkLayer, Config, LongHeadsAttention
 from llmpatch.testing import tiny_model
 from tests.test_parity import PROMPTS, left_pad, positions
 
@@ -63,12 +62,13 @@ def reference(q, k, v, w, kc, block, scale):
     return out
 
 
-def decision_for(d, w, kc):
+def attention_for(cfg, d):
+    """LongHeads' attention of one layer as a function of (q, k, v, mask, scale, softcap) -> out."""
+    cos, sin = rope(cfg.k * cfg.chunk_size, d)
+    attend = LongHeadsAttention(cfg, lambda device, dtype: (cos.to(dtype), sin.to(dtype)))
+    attend.holder = ChunkLayer()  # the per-cache state lives in this cache layer
     dec = LayerDecision(layer=0, num_heads=1)
-    cos, sin = rope(kc * w, d)
-    dec.state["longheads_rope"] = lambda device, dtype: (cos.to(dtype), sin.to(dtype))
-    dec.state["longheads_cache"] = types.SimpleNamespace()  # the per-cache state lives on this object
-    return dec
+    return lambda q, k, v, mask, scale, softcap: attend(dec, q, k, v, mask, scale, softcap)[0]
 
 
 @settings(max_examples=12, deadline=None)
@@ -80,8 +80,8 @@ def test_prefill_matches_per_token_reference(n, w, kc, block, hkv, g, seed):
     gen = torch.Generator().manual_seed(seed)
     d = 8
     q, k, v = (torch.randn(1, hh, n, d, generator=gen) for hh in (hkv * g, hkv, hkv))
-    cfg = chunkselect.Config(w, kc, block)
-    got = chunkselect.attend(cfg, decision_for(d, w, kc), q, k, v, CompactMask(0, None, None), d**-0.5, None)
+    cfg = Config(w, kc, block)
+    got = attention_for(cfg, d)(q, k, v, CompactMask(0, None, None), d**-0.5, None)
     want = reference(q[0], k[0], v[0], w, kc, block, d**-0.5)
     torch.testing.assert_close(got[0], want, atol=1e-5, rtol=1e-5)
 
@@ -97,13 +97,12 @@ def test_decode_with_partial_chunk_matches_reference(block):
         torch.randn(1, 2, n, d, generator=gen),
         torch.randn(1, 2, n, d, generator=gen),
     )
-    cfg = chunkselect.Config(w, kc, block)
-    dec = decision_for(d, w, kc)
+    cfg = Config(w, kc, block)
+    run = attention_for(cfg, d)
     mask = CompactMask(0, None, None)
-    outs = [chunkselect.attend(cfg, dec, q[:, :, :n0], k[:, :, :n0], v[:, :, :n0], mask, d**-0.5, None)]
+    outs = [run(q[:, :, :n0], k[:, :, :n0], v[:, :, :n0], mask, d**-0.5, None)]
     for t in range(n0, n):
-        outs.append(chunkselect.attend(cfg, dec, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], mask,
-                                       d**-0.5, None))  # fmt: skip
+        outs.append(run(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], mask, d**-0.5, None))
     got = torch.cat(outs, 2)[0]
     want = reference(q[0], k[0], v[0], w, kc, block, d**-0.5)
     torch.testing.assert_close(got[:, :n0], want[:, :n0], atol=1e-5, rtol=1e-5)
@@ -122,8 +121,8 @@ def test_left_padded_batch_matches_rows():
         torch.randn(3, 2, n, d, generator=gen),
     )
     start = torch.tensor([n - x for x in lens])
-    cfg = chunkselect.Config(w, kc, 2)
-    got = chunkselect.attend(cfg, decision_for(d, w, kc), q, k, v, CompactMask(0, start, None), d**-0.5, None)
+    cfg = Config(w, kc, 2)
+    got = attention_for(cfg, d)(q, k, v, CompactMask(0, start, None), d**-0.5, None)
     for b, x in enumerate(lens):
         want = reference(q[b, :, n - x :], k[b, :, n - x :], v[b, :, n - x :], w, kc, 2, d**-0.5)
         torch.testing.assert_close(got[b, :, n - x :], want, atol=1e-5, rtol=1e-5)
@@ -132,13 +131,12 @@ def test_left_padded_batch_matches_rows():
 
 def test_cache_changed_outside_is_refused():
     d, w, kc = 8, 4, 3
-    dec = decision_for(d, w, kc)
     x = torch.randn(1, 2, 20, d)
-    cfg = chunkselect.Config(w, kc, 2)
+    run = attention_for(Config(w, kc, 2), d)
     mask = CompactMask(0, None, None)
-    chunkselect.attend(cfg, dec, x, x, x, mask, None, None)
+    run(x, x, x, mask, None, None)
     with pytest.raises(PatchStateError, match="cache"):
-        chunkselect.attend(cfg, dec, x[:, :, :1], x[:, :, :15], x[:, :, :15], mask, None, None)
+        run(x[:, :, :1], x[:, :, :15], x[:, :, :15], mask, None, None)
 
 
 ACTIVE = dict(chunk_size=4, attention_length=12, block_size=2)

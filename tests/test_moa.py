@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import llmpatch
-from llmpatch import kvcache
+from llmpatch import caches as kvcache
 from llmpatch.errors import ParameterError, PlanError
 from llmpatch.methods import moa
 from llmpatch.testing import FAMILIES, tiny_model

@@ -8,7 +8,7 @@ import torch
 from llmpatch.evals.suites import SUITES
 
 import llmpatch
-from llmpatch import kvcache
+from llmpatch import caches as kvcache
 
 pytestmark = pytest.mark.real
 PLAN = Path(__file__).parent.parent / "benchmarks" / "moa" / "smollm2-135m-moa.json"

@@ -78,6 +78,6 @@ def test_retrieval_kv_keeps_the_passkey_and_saves_memory(smollm2, detection):
     with llmpatch.patched(model, "retrieval_kv", **kw) as p:
         out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
                              return_dict_in_generate=True)  # fmt: skip
-        report = p.methods[0].kv_report(llmpatch.kvcache.output_cache(out))
+        report = p.methods[0].kv_report(llmpatch.caches.output_cache(out))
     assert SUITES["passkey"].score(sample, tok.decode(out.sequences[0, enc.input_ids.shape[1] :])) == 1.0
     assert report["saved"] > 0.5

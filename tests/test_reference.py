@@ -6,7 +6,7 @@ import hypothesis.strategies as st
 import pytest
 import torch
 from hypothesis import given, settings
-from llmpatch.kernels import dispatch, reference, sdpa
+from llmpatch.kernels import dispatch, reference, rules, sdpa
 from oracle import oracle_attention, random_block_lists
 
 EXAMPLES = int(os.environ.get("LLMPATCH_HYPOTHESIS_EXAMPLES", "40"))  # raise it for a deeper search
@@ -137,16 +137,16 @@ def test_density_counts_match_the_dense_masks(problem):
     q, k, v, kw = problem
     b, h, nq, _ = q.shape
     nk = k.shape[2]
-    q_pos, k_pos = reference.positions(b, nq, nk, kw.get("start"), "cpu")
-    vis = reference.visible_mask(q_pos, k_pos, sliding_window=kw.get("sliding_window")).expand(b, h, nq, nk)
+    q_pos, k_pos = rules.token_positions(b, nq, nk, kw.get("start"))
+    vis = rules.keep_mask(q_pos, k_pos, h, sliding_window=kw.get("sliding_window")).expand(b, h, nq, nk)
     assert density.causal_count(
         b, h, nq, nk, start=kw.get("start"), sliding_window=kw.get("sliding_window")
     ) == int(vis.sum())
     if "kv_index" in kw:  # counted in key-index space, causal rule only
-        causal = reference.visible_mask(*reference.positions(b, nq, nk, None, "cpu"))
+        causal = rules.keep_mask(*rules.token_positions(b, nq, nk), h)
         want = causal & reference.block_mask(kw["kv_count"], kw["kv_index"], kw["block_size"], nq, nk)
     else:
         want = vis
         if "sink" in kw:
-            want = want & reference.static_mask(q_pos, k_pos, kw["sink"], kw["window"])
+            want = want & rules.keep_mask(q_pos, k_pos, h, sink=kw["sink"], window=kw["window"])
     assert density.computed_count(b, h, nq, nk, **kw) == int(want.sum())

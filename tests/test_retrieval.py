@@ -55,7 +55,7 @@ def test_top_k_and_random_selection():
     scores = scores_for(spec, [(1, 2, 0.7), (0, 3, 0.5), (2, 1, 0.3)])
     with llmpatch.patched(model, "retrieval_mask", scores=scores, top_k=2) as p:
         assert p.methods[0].selected(spec) == [(0, 3), (1, 2)]
-        assert int((p.layers[1].head_mask != 0).sum()) == 1
+        assert int((p.layers[1].head_mask.modes != 0).sum()) == 1
     drawn = [set(REGISTRY["retrieval_mask"](scores=scores, random=3, seed=s).selected(spec))
              for s in range(3)]  # fmt: skip
     for heads in drawn:
@@ -69,7 +69,7 @@ def test_plan_entry_drives_the_mask(tmp_path):
     det = retrieval.Detection(scores_for(spec, [(2, 0, 0.9)]))
     retrieval.to_plan(det, spec).save(tmp_path / "heads.json")
     with llmpatch.patched(model, "retrieval_mask", plan=tmp_path / "heads.json", top_k=1) as p:
-        assert p.layers[2].head_mask.tolist()[0] == 1
+        assert p.layers[2].head_mask.modes.tolist()[0] == 1
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The ACT head search (Yu et al., ICML 2024; METHODS.md §1), as `llmpatch calibrate act`.
+"""The ACT head search (Yu et al., ICML 2024; docs/METHODS.md §1), as `llmpatch calibrate act`.
 
 Official protocol: candidates are the heads of layers 2..L-2; calibrate one (layer, head) at a time on a small
 classification set scored by the label word's log-likelihood, and keep it if the score improves.
@@ -58,12 +58,13 @@ def sink_counts(model, tokenizer, exs, beta: float, threshold: float) -> dict[tu
         for i in range(0, len(exs), 32):
             score(model, tokenizer, exs[i : i + 32])
             for layer in patch.layers:
-                found = layer.state.pop("act_sinks", None)
-                if found is None:
+                calibration = layer.calibration
+                if calibration is None or calibration.sinks is None:
                     continue
+                found, calibration.sinks = calibration.sinks, None
                 per_head = found[1].sum(dim=(0, 2))
                 for hi in range(per_head.shape[0]):
-                    if bool(layer.calib[hi]) and int(per_head[hi]):
+                    if bool(calibration.heads[hi]) and int(per_head[hi]):
                         counts[(layer.layer, hi)] = counts.get((layer.layer, hi), 0) + int(per_head[hi])
     return counts
 

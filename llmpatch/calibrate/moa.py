@@ -1,4 +1,4 @@
-"""The MoA plan search (Fu et al., 2024; METHODS.md §3), as `llmpatch calibrate moa`.
+"""The MoA plan search (Fu et al., 2024; docs/METHODS.md §3), as `llmpatch calibrate moa`.
 
 1. Data: long prompts built offline (a RULER-style needle question, and a one-sentence summary of haystack
    text, alternating), each answered greedily by the dense model itself (up to ANSWER_TOKENS tokens). The
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import ParameterError
+from ..kernels import rules
 
 BLOCK = 64
 SINK = 64
@@ -111,9 +112,7 @@ def _probs(q, k, scale, softcap, sliding_window):
     s = torch.tanh(s0 / softcap) * softcap if softcap is not None else s0
     n = q.shape[-2]
     i = torch.arange(n, device=q.device)
-    allowed = i[None, :] <= i[:, None]
-    if sliding_window is not None:
-        allowed &= (i[:, None] - i[None, :]) < sliding_window
+    allowed = rules.visible(i[:, None], i[None, :], sliding_window)
     return torch.softmax(s.masked_fill(~allowed, float("-inf")), -1), s0
 
 
@@ -192,7 +191,7 @@ def profile(model, samples, *, progress=None) -> torch.Tensor:
                     sw = decision.sliding_window
                     return _Profiled.apply(q, k, v, scale or q.shape[-1] ** -0.5, softcap, sw, sink)
 
-                layer.state["profiler"] = run
+                layer.taps.profiler = run
             for i, (prompt, answer) in enumerate(samples):
                 t0 = time.perf_counter()
                 ids = torch.cat([prompt, answer]).unsqueeze(0)

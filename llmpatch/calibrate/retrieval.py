@@ -1,5 +1,5 @@
 """Retrieval-head detection (Wu et al., 2024, "Retrieval Head Mechanistically Explains Long-Context
-Factuality"; METHODS.md §5), on any model llmpatch can patch.
+Factuality"; docs/METHODS.md §5), on any model llmpatch can patch.
 
 Protocol, as in the official code (nightdessert/Retrieval_Head):
 - NIAH prompts from the eval suite's generator (`evals.suites.Niah`), over a grid of lengths x depths;
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ParameterError, PlanError
+from ..kernels import rules
 
 RETRIEVAL_THRESHOLD = 0.1
 PLAN_ENTRY = "retrieval_heads"
@@ -41,14 +42,8 @@ def last_row_scores(query, key, mask, decision, scale, softcap=None) -> torch.Te
     hkv, nk = key.shape[1], key.shape[2]
     q = query[:, :, -1].float().view(b, hkv, h // hkv, d)
     scores = torch.einsum("bkgd,bknd->bkgn", q, key.float()) * (scale if scale is not None else d**-0.5)
-    j = torch.arange(nk, device=key.device)
-    invalid = torch.zeros(b, nk, dtype=torch.bool, device=key.device)
-    if mask.start is not None:
-        invalid |= j.unsqueeze(0) < mask.start.to(key.device).unsqueeze(-1)
-    if mask.key_padding is not None:
-        invalid |= ~mask.key_padding.to(key.device)
-    if decision.sliding_window is not None:
-        invalid |= (nk - 1 - j).unsqueeze(0) >= decision.sliding_window
+    q_pos, k_pos = rules.token_positions(b, 1, nk, mask.start, mask.key_padding, key.device)
+    invalid = ~rules.visible(q_pos, k_pos, decision.sliding_window)  # [B, Nk]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     return scores.masked_fill_(invalid[:, None, None, :], float("-inf"))
@@ -110,7 +105,7 @@ class Detection:
 @torch.inference_mode()
 def score_sample(model, tokenizer, sample, needle: str, max_new_tokens: int) -> dict:
     """Greedy decode of one NIAH sample with argmax recording; per-head hit sums for this sample."""
-    from ..kvcache import cache_argument, output_cache
+    from ..caches import cache_argument, output_cache
     from ..patch import current_patch
 
     patch = current_patch(model)
@@ -126,7 +121,7 @@ def score_sample(model, tokenizer, sample, needle: str, max_new_tokens: int) -> 
     generated = [nxt]
     eos = set(_as_list(model.generation_config.eos_token_id))
     for layer in patch.layers:
-        layer.state["observer"] = recorder
+        layer.taps.observer = recorder
     try:
         for _ in range(max_new_tokens - 1):
             if nxt in eos:
@@ -147,7 +142,7 @@ def score_sample(model, tokenizer, sample, needle: str, max_new_tokens: int) -> 
             generated.append(nxt)
     finally:
         for layer in patch.layers:
-            layer.state.pop("observer", None)
+            layer.taps.observer = None
     text = tokenizer.decode([t for t in generated if t not in eos], skip_special_tokens=True)
     recall = rouge1_recall(needle, text)
     return {"length": sample.length, "depth": sample.depth, "prompt_tokens": len(ids), "output": text,
@@ -249,20 +244,8 @@ def export_official(scores: list[list[float]], path: str | Path) -> Path:
     return path
 
 
-def heatmap(scores: list[list[float]], path: str | Path, title: str = "retrieval scores") -> Path:
-    import matplotlib
+def heatmap(scores: list[list[float]], path: str | Path, title: str = "retrieval scores") -> Path | None:
+    """The scores as a PNG heatmap; None (plots skipped, with a note) without matplotlib (the `eval` extra)."""
+    from ..evals.plots import head_heatmap
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fig, ax = plt.subplots(figsize=(max(4, len(scores[0]) * 0.4 + 2), max(3, len(scores) * 0.22 + 1)))
-    im = ax.imshow(scores, aspect="auto", cmap="viridis", vmin=0)
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return head_heatmap(scores, path, title)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..decisions import Kind
 from .base import Method
 
 
@@ -17,4 +18,4 @@ class Dense(Method):
 
     def configure(self, spec, layers):
         for layer in layers:
-            layer.claim("static pattern", self.name)
+            layer.claim(Kind.PATTERN, self.name)

@@ -1,4 +1,4 @@
-"""MoA: a mixture of sparse attention, one elastic sink + sliding window per head (Fu et al., 2024; METHODS.md §3).
+"""MoA: a mixture of sparse attention, one elastic sink + sliding window per head (Fu et al., 2024; docs/METHODS.md §3).
 
 Head h attends to the first `sink` tokens and the last S_h(N) - sink tokens, with S_h(N) = alpha_h + beta_h * N
 for an input of N tokens (the prompt length, or the fixed `length`), at least `min_span` (the official cache's
@@ -6,7 +6,7 @@ floor, 128). A head whose span covers the whole input is dense. Plans come from 
 profiling + a MILP, `llmpatch.calibrate.moa`) or from the official {"alphas", "betas"} JSON (`import_official`).
 Defaults: sink 64, min_span 128, ring cache on.
 
-Decode: each KV head keeps sink + ring slots (`llmpatch.ringcache`), a real memory saving; `ring=False` keeps the
+Decode: each KV head keeps sink + ring slots (`llmpatch.caches.ring`), a real memory saving; `ring=False` keeps the
 full cache and masks it (the reference the ring is tested against). GQA natively: a pattern per query head, and a
 KV head's cache keeps the union (largest span) of its query heads'. The search makes per-query-head plans by
 default (measured better at equal MoA density, for a larger cache: see `llmpatch.calibrate.moa`); `--gqa group`
@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ParameterError, PlanError
-from .base import Method, param
+from .base import param
+from .shared import ElasticSinkWindow
 
 
 def _matrix_ok(v) -> bool:
@@ -54,31 +55,6 @@ def density_at(alphas, betas, n: int, *, min_span: int = 128) -> float:
     vals = [min(n, max(min_span, a + b * n)) / n for ar, br in zip(alphas, betas, strict=True)
             for a, b in zip(ar, br, strict=True)]  # fmt: skip
     return sum(vals) / len(vals)
-
-
-class ElasticSinkWindow(Method):
-    """Shared by `moa` and `streamingllm`: per-head sink + window spans that may grow with the input length,
-    set before each prompt, and (with `ring`) the ring-buffer decode cache. Subclasses give `spans(spec)`, a
-    function of N returning {layer: (sink [H], window [H])}, and the fields `length` and `ring`."""
-
-    def spans(self, spec):
-        raise NotImplementedError
-
-    def configure(self, spec, layers):
-        n = self.length or spec.max_position_embeddings or 4096  # until a prompt sets N
-        for i, (sink, window) in self.spans(spec)(n).items():
-            layers[i].set_static(self.name, sink, window)
-            if self.ring:
-                for kind in ("calibration", "head mask"):  # the ring path does not apply them yet
-                    layers[i].claim(kind, self.name)
-
-    def install(self, model, spec, layers):
-        from .. import ringcache  # imports transformers: not at package import time
-
-        undo = [ringcache.install_elastic(model, layers, self.spans(spec), self.length)]
-        if self.ring:
-            undo.append(ringcache.install(model, spec, layers))
-        return lambda: [u() for u in reversed(undo)]
 
 
 @dataclasses.dataclass

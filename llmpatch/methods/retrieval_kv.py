@@ -1,5 +1,5 @@
 """Retrieval-head KV compression, as in DuoAttention / RazorAttention and the retrieval-head paper's discussion
-(Wu et al., 2024; METHODS.md §5): retrieval heads keep their full KV cache, the other heads keep sink + recent.
+(Wu et al., 2024; docs/METHODS.md §5): retrieval heads keep their full KV cache, the other heads keep sink + recent.
 
 Heads: the `top_k` best-scoring query heads (by `score`: "copy", the paper's copy-paste score, or "mass", the
 attention mass on the needle while answering) of a retrieval plan (`llmpatch calibrate retrieval`), or those above
@@ -7,7 +7,7 @@ attention mass on the needle while answering) of a retrieval plan (`llmpatch cal
 stays full when any of its query heads is kept (its whole group is then full); `kv_report()` counts them.
 Defaults: sink 64, recent 256 (DuoAttention's deployment). Compressed heads use sink + window(recent) attention on
 the prompt too, so prefill and decode see the same pattern. Layers with the model's own sliding window are left
-dense (their cache is already bounded). The saving is real: a per-KV-head cache layer (`llmpatch.kvcache`) stores
+dense (their cache is already bounded). The saving is real: the per-KV-head ring cache (`llmpatch.caches.ring`, shared with moa) stores
 only what the pattern reads; `kv_report()` measures it against the dense cache. Does not compose with other
 methods that set attention decisions (act, retrieval_mask) yet.
 """
@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..decisions import Kind
 from ..errors import ParameterError
 from .base import check_head_pairs, param
-from .retrieval_mask import ScoredHeads, ranked_heads
+from .shared import ScoredHeads, ranked_heads
 
 
 @dataclasses.dataclass
@@ -68,25 +69,19 @@ class RetrievalKV(ScoredHeads):
         g = spec.num_heads // spec.num_kv_heads
         for li, full in self.full_kv_heads(spec).items():
             layer = layers[li]
-            for kind in ("calibration", "head mask"):  # the split cache path does not apply them yet
+            for kind in (Kind.CALIBRATION, Kind.HEAD_MASK):  # the ring cache path does not apply them yet
                 layer.claim(kind, self.name)
             sink = [0 if h // g in full else self.sink for h in range(spec.num_heads)]
             window = [-1 if h // g in full else self.recent for h in range(spec.num_heads)]
             layer.set_static(self.name, sink, window)
 
     def install(self, model, spec, layers):
-        from .. import kvcache  # imports transformers: not at package import time
+        from ..caches import ring  # imports transformers: not at package import time
 
-        plan = self.full_kv_heads(spec)
-
-        def make():
-            return {i: (lambda f=f: kvcache.SplitLayer(spec.num_kv_heads, f, self.sink, self.recent))
-                    for i, f in plan.items()}  # fmt: skip
-
-        return kvcache.install(model, make)
+        return ring.install(model, spec, layers)
 
     def kv_report(self, cache) -> dict:
         """Bytes this cache holds against the model's own dense cache for the same tokens."""
-        from .. import kvcache
+        from .. import caches
 
-        return kvcache.kv_report(cache)
+        return caches.kv_report(cache)

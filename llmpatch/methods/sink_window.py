@@ -1,6 +1,6 @@
 """Sink + window: every query head keeps the first `sink` tokens and the last `window` tokens.
 
-This is the StreamingLLM pattern (Xiao et al., 2023) and MoA's uniform baseline (METHODS.md §3: sink 64).
+This is the StreamingLLM pattern (Xiao et al., 2023) and MoA's uniform baseline (docs/METHODS.md §3: sink 64).
 Defaults: sink 64, window 1024, all layers. The window counts the query itself: window 1 sees only itself.
 It composes with the model's own sliding window (both apply). Prefill and decode use the same analytic pattern;
 the KV cache is not shrunk here (`streamingllm` is the same pattern with a bounded ring-buffer cache).

@@ -1,8 +1,8 @@
 """StreamingLLM: the same attention sink + sliding window on every head, with a bounded KV cache (Xiao et al.,
-2023); MoA's uniform baseline (METHODS.md §3).
+2023); MoA's uniform baseline (docs/METHODS.md §3).
 
 Give `density` (MoA's measure: span / N, so the span is density * N tokens, sink included: the official baseline
-is alpha 0, beta 0.5) or a fixed `window`. Defaults: sink 64, ring cache on (`llmpatch.ringcache`: each KV head
+is alpha 0, beta 0.5) or a fixed `window`. Defaults: sink 64, ring cache on (`llmpatch.caches.ring`: each KV head
 keeps sink + window slots, so memory stops growing with the context). Where `sink_window` only masks, this
 method also drops what the pattern can no longer read. `ring=False` keeps the full cache (masks only).
 Same departures as `moa`: the span is fixed when the prompt is read; in a batch N is the padded length.
@@ -16,7 +16,8 @@ import torch
 
 from ..errors import ParameterError
 from .base import param
-from .moa import ElasticSinkWindow, spans_at
+from .moa import spans_at
+from .shared import ElasticSinkWindow
 
 
 @dataclasses.dataclass

@@ -1,12 +1,12 @@
 """LongHeads: every head reads only the chunks it chooses, at positions inside its trained length (Lu et al., 2024;
-METHODS.md §2). Official code: LuLuLuyi/LongHeads.
+docs/METHODS.md §2). Official code: LuLuLuyi/LongHeads.
 
 Defaults as the paper: chunk_size w 256, k = attention_length / w chunks per query; attention_length A defaults
 to min(4096, the model's trained length). Queries whose k chunks cover the whole prefix (positions < A) use
 ordinary attention. Past A, each query head keeps chunk 0 (sink), the previous and its own chunk, and the
 k - 3 others with the best score q . k_hat (un-rotated query; k_hat is the chunk's attention-pooled key, computed
 once when the chunk completes). The chosen chunks' un-rotated keys get contiguous positions 0..L-1 and the query
-(k-1) w + (t mod w). Run time: `llmpatch.chunkselect`.
+(k-1) w + (t mod w). Run time: `runtime.py` beside this file.
 
 Departures and decisions:
 - Prefill goes by query blocks of `block_size` tokens (64) sharing one selection (their mean query's scores);
@@ -23,12 +23,12 @@ Departures and decisions:
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 
-from ..errors import ParameterError, PatchStateError
-from .base import Method, full_attention_layers, param
+from ...decisions import Kind
+from ...errors import ParameterError, PatchStateError
+from ..base import Method, full_attention_layers, param
 
 DEFAULT_ATTENTION_LENGTH = 4096
 
@@ -76,29 +76,26 @@ class LongHeads(Method):
         self.chosen_layers(spec)
 
     def configure(self, spec, layers):
-        from .. import chunkselect
-
-        cfg = chunkselect.Config(
-            self.chunk_size, self.resolved_length(spec) // self.chunk_size, self.block_size
-        )
         for i in self.chosen_layers(spec):
-            for kind in ("static pattern", "dynamic blocks", "head mask", "calibration", "attention"):
+            for kind in Kind:
                 layers[i].claim(kind, self.name)
-            layers[i].attend = functools.partial(chunkselect.attend, cfg)
 
     def install(self, model, spec, layers):
-        from .. import kvcache
-        from ..adapters import attention_modules, rope_table
+        from ... import caches
+        from ...adapters import attention_modules, rope_table
+        from .runtime import ChunkLayer, Config, LongHeadsAttention
 
-        name = kvcache.cache_argument(model)
+        name = caches.cache_argument(model)
         length = self.resolved_length(spec)
+        cfg = Config(self.chunk_size, length // self.chunk_size, self.block_size)
         modules = attention_modules(model)
         table, cached = (
             rope_table(model),
             {},
         )  # one table per RoPE type (Gemma-3 layers differ), device, dtype
+        chosen = self.chosen_layers(spec)
         handles = []
-        for i in self.chosen_layers(spec):
+        for i in chosen:
             module, decision = modules[i][1], layers[i]
 
             def rope(device, dtype, module=module):
@@ -107,26 +104,34 @@ class LongHeads(Method):
                     cached[key] = table(module, device, dtype, length)
                 return cached[key]
 
-            decision.state["longheads_rope"] = rope
+            attend = decision.attend = LongHeadsAttention(cfg, rope)
 
-            def hook(mod, args, kwargs, decision=decision):
+            def hook(mod, args, kwargs, i=i, attend=attend):
                 pe = kwargs.get("position_embeddings")
                 if pe is None:
                     raise PatchStateError(
-                        f"longheads: layer {decision.layer} was called without position_embeddings; this "
+                        f"longheads: layer {i} was called without position_embeddings; this "
                         "transformers version passes RoPE differently, which longheads cannot re-position"
                     )
                 kwargs["position_embeddings"] = (torch.ones_like(pe[0]), torch.zeros_like(pe[1]))
-                decision.state["longheads_cache"] = kvcache.find_cache(kwargs, name)
+                cache = caches.find_cache(kwargs, name)
+                holder = cache.layers[i] if cache is not None and i < len(cache.layers) else None
+                if cache is not None and not isinstance(holder, ChunkLayer):
+                    raise PatchStateError(
+                        f"cache: longheads keeps its chunk state in its own cache layers; layer {i} of the given "
+                        f"{type(cache).__name__} is a {type(holder).__name__}. Pass a fresh DynamicCache or none."
+                    )
+                attend.holder = holder
                 return args, kwargs
 
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        undo_cache = caches.install(model, lambda: {i: ChunkLayer for i in chosen})
 
         def undo():
+            undo_cache()
             for handle in handles:
                 handle.remove()
-            for i in self.chosen_layers(spec):
-                layers[i].state.pop("longheads_rope", None)
-                layers[i].state.pop("longheads_cache", None)
+            for i in chosen:
+                layers[i].attend = None
 
         return undo

@@ -1,6 +1,6 @@
 """DHSA at run time: training-free chunk boundaries, chunk-level scores, a block list per query block.
 
-All of it runs in token space (row b's token t at index t; `chunkselect.to_tokens`), so a left-padded row selects
+All of it runs in token space (row b's token t at index t; `kernels.layout.to_tokens`), so a left-padded row selects
 what it would alone. Nothing is N x N: boundary detection scores N/stride sampled queries, and the selection
 table is [query blocks x key tokens] at most, in chunks.
 """
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .chunkselect import to_tokens
-from .kernels import density, dispatch
+from ...kernels import density, dispatch, rules
+from ...kernels.layout import to_tokens
 
 TABLE_ELEMENTS = 1 << 24  # scores held at once (sampled queries x keys x heads, or query blocks x key tokens)
 
@@ -31,7 +31,7 @@ class Config:
 
 
 def boundaries(cfg: Config, q, k, n, scale) -> torch.Tensor:
-    """Chunk id per token [B, N] from the attention-ratio rule on sampled queries (METHODS.md §4).
+    """Chunk id per token [B, N] from the attention-ratio rule on sampled queries (docs/METHODS.md §4).
 
     For the gap after token c: a_past = attention mass (averaged over heads) that later sampled queries put on keys
     c-w+1..c, a_fut the same on c+1..c+w; r = (max + eps) / (min + eps). Gaps that are the largest r within
@@ -47,7 +47,7 @@ def boundaries(cfg: Config, q, k, n, scale) -> torch.Tensor:
         pi = picks[r0 : r0 + rows]
         qs = q[:, :, pi].float().reshape(b, hkv, g * len(pi), d)
         s = torch.matmul(qs, kf.transpose(-1, -2)).view(b, h, len(pi), nt) * scale
-        s = s.masked_fill(j.view(1, 1, 1, -1) > pi.view(1, 1, -1, 1), float("-inf"))
+        s = s.masked_fill(~rules.visible(pi.view(1, 1, -1, 1), j.view(1, 1, 1, -1)), float("-inf"))
         p = torch.softmax(s, -1).mean(1)  # [B, P, N]
         later = (pi.view(1, -1, 1) >= j.view(1, 1, -1) + 2 * w) & (pi.view(1, -1, 1) < n.view(-1, 1, 1))
         mass += (p * later).sum(1)
@@ -122,42 +122,48 @@ def block_lists(cfg: Config, q, k, chunk, n, sliding_window):
     return count, index
 
 
-def attend(cfg: Config, shared: dict, first: bool, decision, q, k, v, mask, scale, softcap):
-    """One DHSA layer: sparse block lists on a fresh prefill longer than the budget, dense otherwise."""
-    b, h, nq, d = q.shape
-    nk, dev = k.shape[2], q.device
-    scale = d**-0.5 if scale is None else scale
-    start = mask.row_start(b, dev)
-    n = nk - start
-    tracker = decision.state.get("tracker")
-    dense = nq != nk or int(n.max()) <= cfg.budget or mask.key_padding is not None or mask.kv_offset
-    if dense:  # decode steps, prompts within the budget: every key (the paper's decode is dense)
-        common = dict(start=mask.start, key_padding=mask.key_padding, sliding_window=decision.sliding_window)
-        if tracker is not None:
-            c = density.causal_count(b, h, nq, nk, start=mask.start, sliding_window=decision.sliding_window,
-                                     device=dev)  # fmt: skip
-            tracker.add(c, c)
-        out, _ = dispatch.attention(q, k, v, backend=decision.backend, scale=scale, softcap=softcap, **common)
-        return out
-    nt = int(n.max())
-    qt, kt, vt = to_tokens(q, start, nt), to_tokens(k, start, nt), to_tokens(v, start, nt)
-    if first or shared.get("shape") != (b, nt):
-        shared["chunk"] = boundaries(cfg, qt, kt, n, scale)
-        shared["shape"] = (b, nt)
-    count, index = block_lists(cfg, qt, kt, shared["chunk"], n, decision.sliding_window)
-    hkv = k.shape[1]
-    count, index = count.expand(b, hkv, -1), index.expand(b, hkv, -1, -1)
-    if tracker is not None:
-        tracker.add(
-            density.computed_count(b, h, nt, nt, kv_count=count, kv_index=index, block_size=cfg.block_size)
-            * (h // hkv),
-            density.causal_count(b, h, nq, nk, start=mask.start, device=dev),
-        )
-    out, _ = dispatch.attention(qt, kt, vt, backend=decision.backend, scale=scale, softcap=softcap,
-                                kv_count=count, kv_index=index, block_size=cfg.block_size,
-                                sliding_window=decision.sliding_window)  # fmt: skip
-    if nt == nk and not bool(start.any()):
-        return out
-    slot = (torch.arange(nk, device=dev)[None] - start[:, None]).clamp(0, nt - 1)  # token of each slot
-    back = out.gather(2, slot[:, None, :, None].expand(b, h, nk, out.shape[-1]))
-    return back * (torch.arange(nk, device=dev)[None] >= start[:, None])[:, None, :, None]
+class DHSAAttention:
+    """A layer's DHSA attention (`LayerDecision.attend`): sparse block lists on a fresh prefill longer than the
+    budget, dense otherwise. `shared` holds the prompt's boundaries, found at the `first` patched layer."""
+
+    label = "dhsa dynamic chunks"
+
+    def __init__(self, cfg: Config, shared: dict, first: bool):
+        self.cfg, self.shared, self.first = cfg, shared, first
+
+    def __call__(self, decision, q, k, v, mask, scale, softcap):
+        cfg, shared = self.cfg, self.shared
+        b, h, nq, d = q.shape
+        nk, dev = k.shape[2], q.device
+        scale = d**-0.5 if scale is None else scale
+        start = mask.row_start(b, dev)
+        n = nk - start
+        dense = nq != nk or int(n.max()) <= cfg.budget or mask.key_padding is not None or mask.kv_offset
+        if dense:  # decode steps, prompts within the budget: every key (the paper's decode is dense)
+            out, _ = dispatch.attention(q, k, v, backend=decision.backend, scale=scale, softcap=softcap,
+                                        start=mask.start, key_padding=mask.key_padding,
+                                        sliding_window=decision.sliding_window)  # fmt: skip
+            return out, None
+        nt = int(n.max())
+        qt, kt, vt = to_tokens(q, start, nt), to_tokens(k, start, nt), to_tokens(v, start, nt)
+        if self.first or shared.get("shape") != (b, nt):
+            shared["chunk"] = boundaries(cfg, qt, kt, n, scale)
+            shared["shape"] = (b, nt)
+        count, index = block_lists(cfg, qt, kt, shared["chunk"], n, decision.sliding_window)
+        hkv = k.shape[1]
+        count, index = count.expand(b, hkv, -1), index.expand(b, hkv, -1, -1)
+        out, _ = dispatch.attention(qt, kt, vt, backend=decision.backend, scale=scale, softcap=softcap,
+                                    kv_count=count, kv_index=index, block_size=cfg.block_size,
+                                    sliding_window=decision.sliding_window)  # fmt: skip
+
+        def computed():
+            per_kv = density.computed_count(
+                b, h, nt, nt, kv_count=count, kv_index=index, block_size=cfg.block_size
+            )
+            return per_kv * (h // hkv)
+
+        if nt == nk and not bool(start.any()):
+            return out, computed
+        slot = (torch.arange(nk, device=dev)[None] - start[:, None]).clamp(0, nt - 1)  # token of each slot
+        back = out.gather(2, slot[:, None, :, None].expand(b, h, nk, out.shape[-1]))
+        return back * (torch.arange(nk, device=dev)[None] >= start[:, None])[:, None, :, None], computed

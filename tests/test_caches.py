@@ -1,11 +1,13 @@
-"""The per-KV-head compressed cache: decoding from it gives the same tokens as the masked pattern over a full
-cache, it really holds fewer bytes, and it goes away with remove()."""
+"""The per-KV-head ring cache (retrieval_kv's; moa and streamingllm have their own tests): decoding from it gives
+the same tokens as the masked pattern over a full cache, it really holds fewer bytes, and it goes away with
+remove()."""
 
 import pytest
 import torch
 
 import llmpatch
-from llmpatch import kvcache
+from llmpatch import caches
+from llmpatch.caches.ring import STEP
 from llmpatch.testing import FAMILIES, tiny_model
 from tests.test_parity import PROMPTS, left_pad
 
@@ -24,13 +26,8 @@ def sink_window_twin(model, full_pairs, sink, recent):
     return sinks, windows
 
 
-@pytest.fixture
-def prune_often(monkeypatch):
-    monkeypatch.setattr(kvcache, "PRUNE_EVERY", 1)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
-def test_compressed_decode_matches_masked_full_cache(family, prune_often):
+def test_compressed_decode_matches_masked_full_cache(family):
     model = tiny_model(family)
     ids, mask = left_pad(PROMPTS)
     heads = [[0, 1], [2, 3]]
@@ -57,17 +54,19 @@ def test_cache_holds_fewer_bytes_and_reports_them():
     x = torch.tensor([list(range(3, 103))])  # 100 tokens
     with llmpatch.patched(model, "retrieval_kv", heads=[[0, 0]], sink=4, recent=8) as p:
         out = model(x, use_cache=True)
-        cache = kvcache.output_cache(out)
-        assert any(isinstance(layer, kvcache.SplitLayer) for layer in cache.layers)
+        cache = caches.output_cache(out)
+        assert any(isinstance(layer, caches.RingLayer) for layer in cache.layers)
         report = p.methods[0].kv_report(cache)
     spec = llmpatch.detect(model)
     dense = 2 * spec.num_layers * spec.num_kv_heads * 100 * spec.head_dim * 4
     assert report["dense_kv_bytes"] == dense
-    # layer 0 keeps KV head 0 in full (100 slots); every other KV head keeps 4 + 8 slots (+ < PRUNE_EVERY)
+    # layer 0 keeps KV head 0 in full (100 slots); every other KV head keeps 4 + 8 slots, exactly
     assert report["kv_bytes"] < 0.5 * dense and report["saved"] > 0.5
+    slot = 2 * spec.head_dim * 4
+    assert report["kv_bytes"] == slot * (100 + 5 * (4 + 8 + STEP - 1))
     assert report["full_kv_heads"] == 1
-    after = kvcache.output_cache(model(x, use_cache=True))
-    assert not any(isinstance(layer, kvcache.SplitLayer) for layer in after.layers)
+    after = caches.output_cache(model(x, use_cache=True))
+    assert not any(isinstance(layer, caches.RingLayer) for layer in after.layers)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""DHSA: dynamic hierarchical sparse attention for prefill (Xiong et al., 2025; METHODS.md §4). Official code:
+"""DHSA: dynamic hierarchical sparse attention for prefill (Xiong et al., 2025; docs/METHODS.md §4). Official code:
 xiongsiheng/DHSA (Gemma-2 only).
 
 Per prompt: variable-length chunks from a training-free boundary rule, computed once at the first patched layer
@@ -6,7 +6,7 @@ and shared by all layers; per layer, chunk keys k_c = mean(K_c) * sqrt(|c|) and 
 q_b = mean(Q_b) * sqrt(|b|) (fp32, heads averaged); scores q_b . k_c upsampled to key tokens; per query block the
 first `sink` and the last `recent` tokens are forced and the rest of `budget` goes to the best-scoring keys; the
 last `tail` queries (the instruction) attend densely. One selection is shared by every head of a layer. Run time:
-`llmpatch.dynchunks`; attention: the block-list kernels (CPU flex_attention, Triton).
+`runtime.py` beside this file; attention: the block-list kernels (CPU flex_attention, Triton).
 
 Defaults: budget 1024 (the paper's NIAH setting; 2048 for LongBench), sink 128, recent 128, tail 64, boundary
 window w = 4, NMS 8, at most 8 boundaries per 128 tokens.
@@ -26,10 +26,10 @@ Decisions and departures:
 from __future__ import annotations
 
 import dataclasses
-import functools
 
-from ..errors import ParameterError
-from .base import Method, full_attention_layers, param
+from ...decisions import Kind
+from ...errors import ParameterError
+from ..base import Method, full_attention_layers, param
 
 
 @dataclasses.dataclass
@@ -66,13 +66,13 @@ class DHSA(Method):
         self.chosen_layers(spec)
 
     def configure(self, spec, layers):
-        from .. import dynchunks
+        from .runtime import Config, DHSAAttention
 
-        cfg = dynchunks.Config(self.budget, self.block_size, self.sink, self.recent, self.tail, self.gap_window,
-                               self.nms, self.per_128, self.stride)  # fmt: skip
+        cfg = Config(self.budget, self.block_size, self.sink, self.recent, self.tail, self.gap_window, self.nms,
+                     self.per_128, self.stride)  # fmt: skip
         shared: dict = {}  # the prompt's chunk boundaries, from the first patched layer
         chosen = self.chosen_layers(spec)
         for i in chosen:
-            for kind in ("static pattern", "dynamic blocks", "head mask", "calibration", "attention"):
+            for kind in Kind:
                 layers[i].claim(kind, self.name)
-            layers[i].attend = functools.partial(dynchunks.attend, cfg, shared, i == chosen[0])
+            layers[i].attend = DHSAAttention(cfg, shared, i == chosen[0])

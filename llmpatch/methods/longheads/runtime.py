@@ -9,9 +9,9 @@ module identity position embeddings) and are rotated here with the positions Lon
   decode token). A group in chunk c gathers m = min(k, c + 1) chunks: all of 0..c when c < k, else chunk 0, c-1,
   c and the k-3 best by q.k_hat. Chunk i of the gathered list gets positions i*w..i*w+w-1, the query
   (m-1)*w + t mod w, so every distance stays below A. Causality inside the own chunk is a token mask.
-State per (cache, layer), kept on the cache object: fp32 chunk keys k_hat for every complete chunk, and the
-un-rotated queries of each row's partial chunk, so a chunk completed during decoding is summarised like one read
-in the prompt.
+State per (cache, layer), kept in LongHeads' own cache layer (`ChunkLayer`, put into the model's DynamicCache):
+fp32 chunk keys k_hat for every complete chunk, and the un-rotated queries of each row's partial chunk, so a chunk
+completed during decoding is summarised like one read in the prompt.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
-from .errors import PatchStateError
-from .kernels import density, dispatch
+from ...errors import PatchStateError
+from ...kernels import dispatch, rules
+from ...kernels.layout import to_tokens
 
 GATHER_ELEMENTS = 1 << 24  # gathered key elements per step (B x H x groups x keys x D)
-STATE_ATTR = "_llmpatch_longheads"
 
 
 @dataclass
@@ -47,20 +48,35 @@ def rotate(x, cos, sin):
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def _state(decision, q, w, nk) -> State:
+class ChunkLayer(DynamicLayer):
+    """A DynamicLayer that also keeps LongHeads' chunk state for its layer; reordering or cropping it would
+    desynchronise the summaries, so those are refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.chunks: State | None = None
+
+    def _refuse(self, *_):
+        raise PatchStateError(
+            "cache: longheads keeps per-chunk state; beam search and cache cropping are refused"
+        )
+
+    crop = batch_select_indices = batch_repeat_interleave = reorder_cache = _refuse
+
+
+def _state(layer: int, holder: ChunkLayer | None, q, w, nk) -> State:
     b, h, nq, d = q.shape
-    cache = decision.state.get("longheads_cache")
-    store = {} if cache is None else cache.__dict__.setdefault(STATE_ATTR, {})
-    st = store.get(decision.layer)
+    st = holder.chunks if holder is not None else None
     if st is None or nk == nq:
         st = State(0, q.new_zeros(b, h, 0, d, dtype=torch.float32), q.new_zeros(b, h, w, d))
     elif st.seen != nk - nq or st.summ.shape[0] != b:
         raise PatchStateError(
-            f"cache: layer {decision.layer} holds {nk - nq} tokens but longheads saw {st.seen} "
+            f"cache: layer {layer} holds {nk - nq} tokens but longheads saw {st.seen} "
             f"(batch {st.summ.shape[0]}); the cache was changed outside the patched model (crop, beam "
             "reordering, another model). Start from an empty cache."
         )
-    store[decision.layer] = st
+    if holder is not None:
+        holder.chunks = st
     return st
 
 
@@ -150,16 +166,6 @@ def _ordinary(decision, q, k, v, start, mask, cos, sin, scale, softcap):
     return out
 
 
-def to_tokens(x, start, length: int):
-    """x [B, H, N, D] in key slots -> [B, H, length, D] in token space (token t of row b is slot t + start[b]);
-    past a row's last token the contents are filler (a copy of its last slot)."""
-    b, h, n, d = x.shape
-    if length == n and not bool(start.any()):
-        return x
-    tok = torch.arange(length, device=x.device)[None] + start[:, None]
-    return x.gather(2, tok.clamp(max=n - 1)[:, None, :, None].expand(b, h, length, d))
-
-
 def _token_chunks(x, start, n_chunks, w):
     b, h, _, d = x.shape
     return to_tokens(x, start, n_chunks * w).reshape(b, h, n_chunks, w, d)
@@ -187,8 +193,11 @@ def _selective(cfg, st, q, k, v, start, n, cos, sin, scale, softcap):
     cnt = qvalid.sum(-1).clamp(min=1)[:, None, :, None]
     q_mean = (qg.float() * qvalid[:, None, ..., None]).sum(-2) / cnt
     sel = _select(cfg, st, q_mean, c)  # [B, H, G, k]
-    kpos = torch.arange(kc * w, device=dev)
-    allowed = (kpos <= qpos[..., None]) & (kpos < (m * w)[..., None, None])  # [B, G, R, L]
+    kpos = torch.arange(kc * w, device=dev).view(1, 1, 1, -1)
+    kpos = torch.where(
+        kpos < (m * w)[..., None, None], kpos, rules.EMPTY
+    )  # slots past the m chunks hold nothing
+    allowed = rules.visible(qpos[..., None], kpos)  # [B, G, R, L]
     kvh = torch.arange(h, device=dev) // (h // hkv)
     # Many groups (prefill): rotate every chunk once per list slot i (positions i*w .. i*w+w-1), then copy whole
     # chunks. Few groups (decode): copy the chosen keys, then rotate only those.
@@ -236,28 +245,32 @@ def _attend(q, k, v, allowed, scale, softcap):
     return torch.matmul(p, v.float()).to(q.dtype)
 
 
-def attend(cfg: Config, decision, q, k, v, mask, scale, softcap):
-    """The LongHeads attention of one layer: q [B, H, Nq, D], k/v [B, Hkv, Nk, D], all un-rotated."""
-    if mask.key_padding is not None or mask.kv_offset:
-        raise PatchStateError(
-            "attention_mask: longheads supports left padding only (no holes in the mask, no sliding cache)"
-        )
-    b, h, nq, d = q.shape
-    nk, dev = k.shape[2], q.device
-    scale = d**-0.5 if scale is None else scale
-    start = mask.row_start(b, dev)
-    n = nk - start
-    cos, sin = decision.state["longheads_rope"](q.device, q.dtype)  # [A, D]
-    st = _state(decision, q, cfg.chunk_size, nk)
-    _summarise(cfg, st, q, k, v, start, n, cos, sin, scale, softcap)
-    st.seen = nk
-    tracker = decision.state.get("tracker")
-    causal = density.causal_count(b, h, nq, nk, start=mask.start, device=dev) if tracker is not None else 0
-    if int(n.max()) <= cfg.k * cfg.chunk_size:  # inside the attention length: ordinary attention
-        if tracker is not None:
-            tracker.add(causal, causal)
-        return _ordinary(decision, q, k, v, start, mask, cos, sin, scale, softcap)
-    out, computed = _selective(cfg, st, q, k, v, start, n, cos, sin, scale, softcap)
-    if tracker is not None:
-        tracker.add(computed, causal)
-    return out
+class LongHeadsAttention:
+    """A layer's LongHeads attention (`LayerDecision.attend`): q [B, H, Nq, D], k/v [B, Hkv, Nk, D], all
+    un-rotated. `rope(device, dtype)` gives the model's (cos, sin) tables over the attention length; `holder` is
+    the cache layer of the current forward (set by the module's pre-hook; None without a cache)."""
+
+    label = "longheads chunks"
+
+    def __init__(self, cfg: Config, rope):
+        self.cfg, self.rope, self.holder = cfg, rope, None
+
+    def __call__(self, decision, q, k, v, mask, scale, softcap):
+        cfg = self.cfg
+        if mask.key_padding is not None or mask.kv_offset:
+            raise PatchStateError(
+                "attention_mask: longheads supports left padding only (no holes in the mask, no sliding cache)"
+            )
+        b, h, nq, d = q.shape
+        nk, dev = k.shape[2], q.device
+        scale = d**-0.5 if scale is None else scale
+        start = mask.row_start(b, dev)
+        n = nk - start
+        cos, sin = self.rope(q.device, q.dtype)  # [A, D]
+        st = _state(decision.layer, self.holder, q, cfg.chunk_size, nk)
+        _summarise(cfg, st, q, k, v, start, n, cos, sin, scale, softcap)
+        st.seen = nk
+        if int(n.max()) <= cfg.k * cfg.chunk_size:  # inside the attention length: ordinary attention
+            return _ordinary(decision, q, k, v, start, mask, cos, sin, scale, softcap), None
+        out, computed = _selective(cfg, st, q, k, v, start, n, cos, sin, scale, softcap)
+        return out, lambda: computed

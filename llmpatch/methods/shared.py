@@ -1,0 +1,119 @@
+"""Bases shared by several methods: elastic per-head sink + window spans (moa, streamingllm) and the per-head
+scores of a retrieval plan (retrieval_mask, retrieval_kv)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..decisions import Kind
+from ..errors import ParameterError, PlanError
+from .base import Method, param
+
+
+class ElasticSinkWindow(Method):
+    """Shared by `moa` and `streamingllm`: per-head sink + window spans that may grow with the input length,
+    set before each prompt, and (with `ring`) the ring-buffer decode cache. Subclasses give `spans(spec)`, a
+    function of N returning {layer: (sink [H], window [H])}, and the fields `length` and `ring`."""
+
+    def spans(self, spec):
+        raise NotImplementedError
+
+    def configure(self, spec, layers):
+        n = self.length or spec.max_position_embeddings or 4096  # until a prompt sets N
+        for i, (sink, window) in self.spans(spec)(n).items():
+            layers[i].set_static(self.name, sink, window)
+            if self.ring:
+                for kind in (Kind.CALIBRATION, Kind.HEAD_MASK):  # the ring path does not apply them yet
+                    layers[i].claim(kind, self.name)
+
+    def install(self, model, spec, layers):
+        from ..caches import ring  # imports transformers: not at package import time
+
+        undo = [install_elastic(model, layers, self.spans(spec), self.length)]
+        if self.ring:
+            undo.append(ring.install(model, spec, layers))
+        return lambda: [u() for u in reversed(undo)]
+
+
+def input_length(args, kwargs) -> int | None:
+    """The sequence length of a model forward's input (input_ids or inputs_embeds)."""
+    x = kwargs.get("input_ids", args[0] if args else None)
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+    return None if x is None else int(x.shape[1])
+
+
+def install_elastic(model, layers, spans, length: int | None):
+    """Spans that grow with the input (MoA's S = alpha + beta * N): before each prompt (a forward with an empty
+    cache), set every layer's sink and window from `spans(N)` -> {layer: (sink [H], window [H])}, with N the
+    prompt length (in a batch, the padded length) or the fixed `length`. Decode steps keep the prompt's spans.
+    Returns the undo callback."""
+    from ..caches import cache_argument, find_cache
+
+    name = cache_argument(model)
+
+    def hook(module, args, kwargs):
+        cache = find_cache(kwargs, name)
+        n = input_length(args, kwargs)
+        if n is None or (cache is not None and cache.get_seq_length() > 0):
+            return None
+        with torch.inference_mode(False):  # decision tensors keep version counters
+            for i, (sink, window) in spans(length or n).items():
+                layers[i].sink, layers[i].window = sink, window
+        return None
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    return handle.remove
+
+
+def check_scores(method: str, scores, spec) -> None:
+    shape_ok = (
+        isinstance(scores, list)
+        and len(scores) == spec.num_layers
+        and all(isinstance(r, list) and len(r) == spec.num_heads for r in scores)
+    )
+    if not shape_ok:
+        raise PlanError(
+            f"{method}: parameter 'scores' must be a {spec.num_layers} x {spec.num_heads} (layers x heads) list "
+            "for this model; this plan was made for another model or is malformed"
+        )
+
+
+def ranked_heads(scores) -> list[tuple[int, int]]:
+    """All (layer, head) pairs, best score first (ties: lower layer, then lower head)."""
+    flat = [(-float(s), li, hi) for li, row in enumerate(scores) for hi, s in enumerate(row)]
+    return [(li, hi) for _, li, hi in sorted(flat)]
+
+
+@dataclasses.dataclass
+class ScoredHeads(Method):
+    """The per-head scores of a retrieval plan (its `retrieval_heads` entry), shared by retrieval_mask and
+    retrieval_kv."""
+
+    plan_entry = "retrieval_heads"
+
+    scores: list | None = param(None, "a layers x heads list of retrieval scores (a retrieval plan)")
+    mass_scores: list | None = param(
+        None, "a layers x heads list of needle attention mass (a retrieval plan)"
+    )
+    score: str = param("copy", "'copy' (the paper's copy-paste score) or 'mass' (attention mass on the needle)",
+                       lambda v: v in ("copy", "mass"))  # fmt: skip
+
+    def ranking(self, spec) -> list[list[float]]:
+        """The score table `score` names, checked against the model."""
+        if self.scores is None:
+            raise ParameterError(
+                f"{self.name}: needs per-head scores: pass plan=heads.json from `llmpatch calibrate retrieval` "
+                "(or scores=...), or list the heads with heads=[[layer, head], ...]"
+            )
+        check_scores(self.name, self.scores, spec)
+        if self.score == "copy":
+            return self.scores
+        if self.mass_scores is None:
+            raise ParameterError(
+                f"{self.name}: score='mass' needs 'mass_scores' (written by `llmpatch calibrate retrieval`)"
+            )
+        check_scores(self.name, self.mass_scores, spec)
+        return self.mass_scores
