@@ -111,9 +111,9 @@ def llmpatch_attention(
     mask = attention_mask or CompactMask(0, None, None)
     b, h, nq, _ = query.shape
     nk = key.shape[2]
-    prefill = nk == nq
-    taps = decision.taps
     positions = decision.take_key_positions(key)
+    prefill = nk == nq and positions is None
+    taps = decision.taps
     if decision.attend is not None:  # a method's own attention (LongHeads, DHSA)
         out, computed = decision.attend(decision, query, key, value, mask, scaling, softcap)
         _count(taps, decision, mask, (b, h, nq, nk), query.device, computed)

@@ -119,15 +119,6 @@ class LayerDecision:
             )
         return kp
 
-    @property
-    def is_dense(self) -> bool:
-        return (
-            not bool((self.window >= 0).any())
-            and self.attend is None
-            and (self.head_mask is None or not bool(self.head_mask.modes.any()))
-            and (self.calibration is None or not bool(self.calibration.heads.any()))
-        )
-
     def describe(self) -> str:
         parts = []
         if bool((self.window >= 0).any()):
