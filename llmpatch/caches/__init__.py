@@ -69,25 +69,25 @@ def install(model, make_layers) -> callable:
     return handle.remove
 
 
-def kv_bytes(cache: Cache) -> int:
+def _bytes(cache: Cache, own: str) -> int:
+    """Sum over layers of `layer.<own>()` where a layer has it, else of the layer's keys and values."""
     total = 0
     for layer in cache.layers:
-        if hasattr(layer, "kv_bytes"):
-            total += layer.kv_bytes()
+        if hasattr(layer, own):
+            total += getattr(layer, own)()
         elif getattr(layer, "is_initialized", False):
             total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
     return total
+
+
+def kv_bytes(cache: Cache) -> int:
+    """What the cache holds."""
+    return _bytes(cache, "kv_bytes")
 
 
 def dense_kv_bytes(cache: Cache) -> int:
     """What the model's own DynamicCache would hold for the same tokens (sliding layers as they are)."""
-    total = 0
-    for layer in cache.layers:
-        if hasattr(layer, "dense_bytes"):
-            total += layer.dense_bytes()
-        elif getattr(layer, "is_initialized", False):
-            total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
-    return total
+    return _bytes(cache, "dense_bytes")
 
 
 def kv_report(cache: Cache) -> dict:
