@@ -24,11 +24,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
-
 from ..errors import ParameterError, PlanError
 from .base import param
-from .shared import ElasticSinkWindow
+from .shared import ElasticSinkWindow, spans_at
 
 
 def _matrix_ok(v) -> bool:
@@ -36,18 +34,6 @@ def _matrix_ok(v) -> bool:
         isinstance(r, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in r)
         for r in v
     )
-
-
-def spans_at(
-    alphas, betas, n: int, *, sink: int, min_span: int
-) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """{layer: (sink [H], window [H])} at input length n; window -1 where the span covers the input."""
-    out = {}
-    for i, (a_row, b_row) in enumerate(zip(alphas, betas, strict=True)):
-        s = torch.tensor([max(min_span, round(a + b * n)) for a, b in zip(a_row, b_row, strict=True)])
-        dense = s >= n
-        out[i] = (torch.where(dense, 0, sink), torch.where(dense, -1, (s - sink).clamp(min=1)))
-    return out
 
 
 def density_at(alphas, betas, n: int, *, min_span: int = 128) -> float:

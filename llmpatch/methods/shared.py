@@ -12,6 +12,18 @@ from ..errors import ParameterError, PlanError
 from .base import Method, param
 
 
+def spans_at(
+    alphas, betas, n: int, *, sink: int, min_span: int
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer: (sink [H], window [H])} at input length n; window -1 where the span covers the input."""
+    out = {}
+    for i, (a_row, b_row) in enumerate(zip(alphas, betas, strict=True)):
+        s = torch.tensor([max(min_span, round(a + b * n)) for a, b in zip(a_row, b_row, strict=True)])
+        dense = s >= n
+        out[i] = (torch.where(dense, 0, sink), torch.where(dense, -1, (s - sink).clamp(min=1)))
+    return out
+
+
 class ElasticSinkWindow(Method):
     """Shared by `moa` and `streamingllm`: per-head sink + window spans that may grow with the input length,
     set before each prompt, and (with `ring`) the ring-buffer decode cache. Subclasses give `spans(spec)`, a

@@ -16,8 +16,7 @@ import torch
 
 from ..errors import ParameterError
 from .base import param
-from .moa import spans_at
-from .shared import ElasticSinkWindow
+from .shared import ElasticSinkWindow, spans_at
 
 
 @dataclasses.dataclass
