@@ -79,11 +79,17 @@ def compact_mask(
         start = None if kv_offset == 0 else torch.full((batch_size,), -kv_offset, dtype=torch.long)
         return CompactMask(kv_offset, start, None)
     full = attention_mask.to(torch.bool)
-    idx = torch.arange(full.shape[-1], device=full.device)
-    first = torch.where(full.any(-1), full.float().argmax(-1), full.shape[-1])
-    left_padded = bool((full == (idx.unsqueeze(0) >= first.unsqueeze(-1))).all())
+    first, left_padded = padding_start(full)
     key_padding = None if left_padded else full[:, kv_offset : kv_offset + kv_length]
-    return CompactMask(kv_offset, (first - kv_offset).long(), key_padding)
+    return CompactMask(kv_offset, first - kv_offset, key_padding)
+
+
+def padding_start(full: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """For a 2D mask [B, N] (True = real token): each row's first real slot [B] (N for an empty row), and
+    whether the padding is a left-padded prefix (no holes)."""
+    idx = torch.arange(full.shape[-1], device=full.device)
+    first = torch.where(full.any(-1), full.float().argmax(-1), full.shape[-1]).long()
+    return first, bool((full == (idx.unsqueeze(0) >= first.unsqueeze(-1))).all())
 
 
 def llmpatch_attention(

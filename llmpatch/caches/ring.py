@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from ..attention import padding_start
 from ..decisions import KeyPositions
 from ..errors import PatchStateError
 
@@ -54,11 +55,8 @@ class RingLayer(DynamicLayer):
         if attention_mask is None or attention_mask.dim() != 2:
             self.start, self.holes = None, False
             return
-        full = attention_mask.to(torch.bool)
-        idx = torch.arange(full.shape[-1], device=full.device)
-        first = torch.where(full.any(-1), full.float().argmax(-1), full.shape[-1])
-        self.holes = not bool((full == (idx >= first[:, None])).all())
-        self.start = first.long()
+        self.start, left_padded = padding_start(attention_mask.to(torch.bool))
+        self.holes = not left_padded
 
     def lazy_initialization(self, key_states, value_states):
         super().lazy_initialization(key_states, value_states)
