@@ -129,8 +129,10 @@ def llmpatch_attention(
         kw.update(q_pos=positions.q_pos, k_pos=positions.k_pos, k_spans=positions.spans)
     else:
         kw.update(start=mask.start, key_padding=mask.key_padding)
+    tail = 0
     if decision.has_pattern():
         kw.update(sink=decision.sink.to(query.device), window=decision.window.to(query.device))
+        tail = min(decision.tail, nq) if prefill else 0
     if decision.head_mask is not None:
         kw.update(decision.head_mask.kernel_args(prefill, query.device))
     calibration = decision.calibration
@@ -141,18 +143,42 @@ def llmpatch_attention(
         pattern = {x: kw[x] for x in ("sink", "window") if x in kw}
 
         def computed():
-            return density.computed_count(*dims, start=mask.start, sliding_window=decision.sliding_window,
-                                          device=query.device, **pattern)  # fmt: skip
+            common = dict(start=mask.start, sliding_window=decision.sliding_window, device=query.device)
+            if tail:  # the pattern over the rows before the tail, every visible key for the tail's rows
+                cut = nq - tail
+                return density.computed_count(b, h, cut, cut, **common, **pattern) + density.causal_count(
+                    b, h, tail, nk, **common
+                )
+            return density.computed_count(*dims, **common, **pattern)
 
         _count(taps, decision, mask, dims, query.device, computed)
     if taps.observer is not None and not prefill:
         taps.observer(decision, query, key, mask, scaling, softcap)  # e.g. retrieval-head detection
     if taps.profiler is not None:  # MoA gradient profiling: exact attention with its own backward
         return taps.profiler(decision, query, key, value, scaling, softcap).transpose(1, 2).contiguous(), None
+    if tail:
+        return _dense_tail(query, key, value, tail, decision.backend, kw).transpose(1, 2).contiguous(), None
     out, sinks = dispatch.attention(query, key, value, backend=decision.backend, **kw)
     if prefill and sinks is not None and calibration is not None:
         calibration.remember(mask, sinks)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _dense_tail(query, key, value, tail: int, backend, kw):
+    """A prompt whose last `tail` queries attend densely: the rows before them under the pattern (over the keys
+    they can see), the tail's rows over every visible key; each part on the same backend."""
+    cut = query.shape[2] - tail
+    dense_kw = {x: y for x, y in kw.items() if x not in ("sink", "window")}
+    if cut == 0:
+        return dispatch.attention(query, key, value, backend=backend, **dense_kw)[0]
+    head_kw = dict(kw)
+    if kw.get("key_padding") is not None:
+        head_kw["key_padding"] = kw["key_padding"][:, :cut]
+    head = dispatch.attention(
+        query[:, :, :cut], key[:, :, :cut], value[:, :, :cut], backend=backend, **head_kw
+    )[0]
+    rest = dispatch.attention(query[:, :, cut:], key, value, backend=backend, **dense_kw)[0]
+    return torch.cat([head, rest], dim=2)
 
 
 def _count(taps, decision, mask, dims, device, computed) -> None:

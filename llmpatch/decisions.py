@@ -3,7 +3,9 @@
 Each attention module of a patched model carries one `LayerDecision` (attribute `llmpatch_layer`). Methods fill it
 in; the attention function (`attention.py`) renders it into one backend call. The decision kinds (`Kind`), each
 set by at most one method per layer:
-- PATTERN: static per-head sink + window (`sink[H]`, `window[H]`, window -1 = unlimited; dense by default);
+- PATTERN: static per-head sink + window (`sink[H]`, `window[H]`, window -1 = unlimited; dense by default), and
+  its dense `tail`: the last `tail` queries of a prompt see every visible key (the instruction reads the whole
+  prompt before a cache is cut to the pattern);
 - ATTENTION: the method's own attention (`attend`, LongHeads and DHSA), replacing the backend call;
 - HEAD_MASK: `head_mask` (a `HeadMask`), uniform or zero rows on decode steps (and prefill if asked);
 - CALIBRATION: `calibration` (ACT's `methods.act.Calibration`), which also keeps its prefill sink set.
@@ -64,6 +66,7 @@ class LayerDecision:
     backend: str | None = None
     sink: torch.Tensor = None  # [H] int64
     window: torch.Tensor = None  # [H] int64, -1 = unlimited
+    tail: int = 0  # the last `tail` queries of a prompt attend densely (part of the PATTERN decision)
     attend: Callable | None = (
         None  # f(decision, q, k, v, mask, scale, softcap) -> (out, computed count or None)
     )
@@ -89,10 +92,13 @@ class LayerDecision:
             )
         self.owners[kind] = method
 
-    def set_static(self, method: str, sink, window) -> None:
+    def set_static(self, method: str, sink, window, tail: int = 0) -> None:
         self.claim(Kind.PATTERN, method)
         self.sink = torch.as_tensor(sink, dtype=torch.long).expand(self.num_heads).clone()
         self.window = torch.as_tensor(window, dtype=torch.long).expand(self.num_heads).clone()
+        self.tail = int(tail)
+        if self.tail:  # ACT's column sums need one call over the whole prompt
+            self.claim(Kind.CALIBRATION, method)
 
     def mask_head(self, method: str, head: int, mode: str, prefill: bool) -> None:
         self.claim(Kind.HEAD_MASK, method)
@@ -124,6 +130,8 @@ class LayerDecision:
         if bool((self.window >= 0).any()):
             pairs = sorted({(int(s), int(w)) for s, w in zip(self.sink, self.window, strict=True)})
             parts.append("sink+window " + ", ".join(f"{s}+{w if w >= 0 else 'all'}" for s, w in pairs))
+            if self.tail:
+                parts.append(f"dense prefill tail {self.tail}")
         if self.attend is not None:
             parts.append(f"own attention ({getattr(self.attend, 'label', type(self.attend).__name__)})")
         if self.head_mask is not None:

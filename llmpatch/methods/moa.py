@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..errors import ParameterError, PlanError
 from .base import param
-from .shared import ElasticSinkWindow, spans_at
+from .shared import ElasticSinkWindow, spans_at, tail_param
 
 
 def _matrix_ok(v) -> bool:
@@ -54,6 +54,7 @@ class MoA(ElasticSinkWindow):
     min_span: int = param(128, "an int >= 1", lambda v: v >= 1)
     length: int | None = param(None, "null (each prompt's length) or an int >= 1", lambda v: v >= 1)
     ring: bool = param(True, "true (ring-buffer decode cache) or false (masks over the full cache)")
+    tail: int = tail_param()
 
     def validate(self, spec):
         if self.alphas is None or self.betas is None:

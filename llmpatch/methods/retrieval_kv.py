@@ -19,7 +19,7 @@ import dataclasses
 from ..decisions import Kind
 from ..errors import ParameterError
 from .base import check_head_pairs, param
-from .shared import ScoredHeads, ranked_heads
+from .shared import ScoredHeads, ranked_heads, tail_param
 
 
 @dataclasses.dataclass
@@ -37,6 +37,7 @@ class RetrievalKV(ScoredHeads):
                              lambda v: v > 0)  # fmt: skip
     sink: int = param(64, "an int >= 0", lambda v: v >= 0)
     recent: int = param(256, "an int >= 1", lambda v: v >= 1)
+    tail: int = tail_param()
 
     def validate(self, spec):
         self.full_kv_heads(spec)
@@ -73,7 +74,7 @@ class RetrievalKV(ScoredHeads):
                 layer.claim(kind, self.name)
             sink = [0 if h // g in full else self.sink for h in range(spec.num_heads)]
             window = [-1 if h // g in full else self.recent for h in range(spec.num_heads)]
-            layer.set_static(self.name, sink, window)
+            layer.set_static(self.name, sink, window, self.tail)
 
     def install(self, model, spec, layers):
         from ..caches import ring  # imports transformers: not at package import time

@@ -12,6 +12,13 @@ from ..errors import ParameterError, PlanError
 from .base import Method, param
 
 
+def tail_param():
+    """The dense-tail parameter of the cache methods (`LayerDecision.tail`): the last T prompt tokens (the
+    instruction) attend to the whole prompt, then the cache is cut to the pattern (docs/METHODS.md §3)."""
+    return param(0, "an int >= 0 (the last prompt tokens that attend to the whole prompt before the cache is cut; "
+                 "0 = the pattern everywhere)", lambda v: v >= 0)  # fmt: skip
+
+
 def spans_at(
     alphas, betas, n: int, *, sink: int, min_span: int
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -27,7 +34,7 @@ def spans_at(
 class ElasticSinkWindow(Method):
     """Shared by `moa` and `streamingllm`: per-head sink + window spans that may grow with the input length,
     set before each prompt, and (with `ring`) the ring-buffer decode cache. Subclasses give `spans(spec)`, a
-    function of N returning {layer: (sink [H], window [H])}, and the fields `length` and `ring`."""
+    function of N returning {layer: (sink [H], window [H])}, and the fields `length`, `ring` and `tail`."""
 
     def spans(self, spec):
         raise NotImplementedError
@@ -35,7 +42,7 @@ class ElasticSinkWindow(Method):
     def configure(self, spec, layers):
         n = self.length or spec.max_position_embeddings or 4096  # until a prompt sets N
         for i, (sink, window) in self.spans(spec)(n).items():
-            layers[i].set_static(self.name, sink, window)
+            layers[i].set_static(self.name, sink, window, self.tail)
             if self.ring:
                 for kind in (Kind.CALIBRATION, Kind.HEAD_MASK):  # the ring path does not apply them yet
                     layers[i].claim(kind, self.name)

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import ParameterError
 from .base import param
-from .shared import ElasticSinkWindow, spans_at
+from .shared import ElasticSinkWindow, spans_at, tail_param
 
 
 @dataclasses.dataclass
@@ -30,6 +30,7 @@ class StreamingLLM(ElasticSinkWindow):
     sink: int = param(64, "an int >= 0", lambda v: v >= 0)
     length: int | None = param(None, "null (each prompt's length) or an int >= 1", lambda v: v >= 1)
     ring: bool = param(True, "true (ring-buffer decode cache) or false (masks over the full cache)")
+    tail: int = tail_param()
 
     def validate(self, spec):
         if (self.density is None) == (self.window is None):
