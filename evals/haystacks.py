@@ -17,6 +17,8 @@ import html
 import importlib
 import inspect
 import re
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -28,11 +30,11 @@ from .haystack import split_sentences
 SOURCES = ("pydoc", "stdlib", "idle")
 SPLITS = ("dev", "test")
 STDLIB_MODULES = (
-    "argparse", "asyncio", "base64", "bisect", "calendar", "cgi", "cmd", "codecs", "collections",
+    "argparse", "asyncio", "base64", "bisect", "calendar", "cmd", "codecs", "collections",
     "concurrent.futures", "configparser", "contextlib", "copy", "csv", "ctypes", "dataclasses", "datetime",
     "decimal", "difflib", "doctest", "email", "enum", "fractions", "ftplib", "functools", "getopt", "gettext",
     "glob", "gzip", "heapq", "hmac", "http.client", "http.cookiejar", "imaplib", "inspect", "io", "ipaddress",
-    "json", "locale", "logging", "mailbox", "mimetypes", "multiprocessing", "netrc", "nntplib", "numbers",
+    "json", "locale", "logging", "mailbox", "mimetypes", "multiprocessing", "netrc", "numbers",
     "optparse", "pdb", "pickle", "pickletools", "platform", "poplib", "pprint", "profile", "pydoc", "queue",
     "random", "re", "sched", "secrets", "selectors", "shelve", "shlex", "shutil", "smtplib", "socket",
     "socketserver", "sqlite3", "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap",
@@ -84,7 +86,9 @@ def _stdlib() -> list[Passage]:
     out = []
     for name in STDLIB_MODULES:
         try:
-            doc = inspect.getdoc(importlib.import_module(name)) or ""
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                doc = inspect.getdoc(importlib.import_module(name)) or ""
         except Exception:  # a module missing on this platform or Python version
             continue
         out.append(Passage("stdlib", name, tuple(_prose(doc.split("\n\n")))))
@@ -106,9 +110,12 @@ def _idle() -> list[Passage]:
 
 @lru_cache(maxsize=1)
 def passages() -> tuple[Passage, ...]:
-    """Every passage with at least 3 prose sentences, in a fixed order."""
-    found = [p for p in (*_pydoc(), *_stdlib(), *_idle()) if len(p.sentences) >= 3]
-    return tuple(found)
+    """Every passage with at least 3 prose sentences, in a fixed order. A sentence found in more than one passage
+    (the reference repeats itself) is dropped from all of them, so no sentence can cross the split."""
+    found = [*_pydoc(), *_stdlib(), *_idle()]
+    count = Counter(s for p in found for s in set(p.sentences))
+    found = [Passage(p.source, p.title, tuple(s for s in p.sentences if count[s] == 1)) for p in found]
+    return tuple(p for p in found if len(p.sentences) >= 3)
 
 
 def split_passages(split: str, source: str | None = None) -> list[Passage]:

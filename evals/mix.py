@@ -82,10 +82,10 @@ class MixSample:
         return asdict(self)
 
 
-def score(sample, output: str) -> float:
+def score(answers: list[str], output: str) -> float:
     """RULER's string match: the fraction of expected strings found in the output (case-insensitive)."""
     out = output.lower()
-    return sum(a.lower() in out for a in sample.answers) / len(sample.answers)
+    return sum(a.lower() in out for a in answers) / len(answers)
 
 
 def _key(rng) -> str:
@@ -107,7 +107,8 @@ NUM_INTRO = ("Some special magic numbers are hidden within the following text. M
 def niah_number(rng):
     key, value = _key(rng), _number(rng)
     return (NUM_INTRO, [f"One of the special magic numbers for {key} is: {value}."],
-            f"What is the special magic number for {key} mentioned in the provided text?", [value], 16)  # fmt: skip
+            f"What is the special magic number for {key} mentioned in the provided text?", [value], 16,
+            f"The special magic number for {key} mentioned in the provided text is")  # fmt: skip
 
 
 def niah_word(rng):
@@ -115,7 +116,8 @@ def niah_word(rng):
     intro = ("Some special magic words are hidden within the following text. Make sure to memorize them. "
              "I will quiz you about the words afterwards.")  # fmt: skip
     return (intro, [f"One of the special magic words for {key} is: {value}."],
-            f"What is the special magic word for {key} mentioned in the provided text?", [value], 12)  # fmt: skip
+            f"What is the special magic word for {key} mentioned in the provided text?", [value], 12,
+            f"The special magic word for {key} mentioned in the provided text is")  # fmt: skip
 
 
 def niah_uuid(rng):
@@ -124,7 +126,8 @@ def niah_uuid(rng):
     intro = ("Some special magic codes are hidden within the following text. Make sure to memorize them. "
              "I will quiz you about the codes afterwards.")  # fmt: skip
     return (intro, [f"One of the special magic codes for {key} is: {value}."],
-            f"What is the special magic code for {key} mentioned in the provided text?", [value], 32)  # fmt: skip
+            f"What is the special magic code for {key} mentioned in the provided text?", [value], 32,
+            f"The special magic code for {key} mentioned in the provided text is")  # fmt: skip
 
 
 def multikey(rng):
@@ -136,14 +139,15 @@ def multikey(rng):
     asked = rng.randrange(4)
     return (NUM_INTRO, needles,
             f"What is the special magic number for {keys[asked]} mentioned in the provided text?",
-            [values[asked]], 16)  # fmt: skip
+            [values[asked]], 16, f"The special magic number for {keys[asked]} mentioned in the provided text is")  # fmt: skip
 
 
 def multivalue(rng):
     key = _key(rng)
     values = [_number(rng) for _ in range(3)]
     return (NUM_INTRO, [f"One of the special magic numbers for {key} is: {v}." for v in values],
-            f"What are all the special magic numbers for {key} mentioned in the provided text?", values, 48)  # fmt: skip
+            f"What are all the special magic numbers for {key} mentioned in the provided text?", values, 40,
+            f"The special magic numbers for {key} mentioned in the provided text are")  # fmt: skip
 
 
 def multiquery(rng):
@@ -154,7 +158,7 @@ def multiquery(rng):
     ]
     return (NUM_INTRO, needles,
             f"What are the special magic numbers for {', '.join(keys)} mentioned in the provided text?",
-            values, 48)  # fmt: skip
+            values, 40, f"The special magic numbers for {', '.join(keys)} mentioned in the provided text are")  # fmt: skip
 
 
 def vt(rng):
@@ -170,7 +174,9 @@ def vt(rng):
     ]
     intro = "Memorize and track the chains of variable assignments hidden in the following text."
     return (intro, lines,
-            f"Find all variables that are assigned the value {value} in the text above.", chain, 40)  # fmt: skip
+            f"Find all variables that are assigned the value {value} in the text above.", chain, 32,
+            f"According to the chain of variable assignments in the text above, the variables assigned the value "
+            f"{value} are:")  # fmt: skip
 
 
 def mqar(rng):
@@ -182,7 +188,14 @@ def mqar(rng):
     asked = rng.sample(range(12), 2)
     intro = "A list of people and their locker numbers is hidden within the following text. Memorize it."
     q = f"What are the locker numbers of {names[asked[0]]} and {names[asked[1]]}?"
-    return intro, [block], q, [str(lockers[i]) for i in asked], 24
+    return (
+        intro,
+        [block],
+        q,
+        [str(lockers[i]) for i in asked],
+        16,
+        f"The locker numbers of {names[asked[0]]} and {names[asked[1]]} are",
+    )
 
 
 def cwe(rng):
@@ -191,7 +204,14 @@ def cwe(rng):
     rng.shuffle(seen)
     intro = "Birds seen by an observer are recorded throughout the following text. Keep count of them."
     needles = [f"The observer recorded a {b} at this point." for b in seen]
-    return intro, needles, "Which bird did the observer record most often?", [birds[0]], 12
+    return (
+        intro,
+        needles,
+        "Which bird did the observer record most often?",
+        [birds[0]],
+        8,
+        "The bird the observer recorded most often is the",
+    )
 
 
 def qa(rng):
@@ -201,15 +221,16 @@ def qa(rng):
     facts = [f"{p} works at the {w}." for p, w in zip(people, places, strict=True)]
     facts += [f"The {w} is in {c}." for w, c in zip(places, cities, strict=True)]
     intro = "Facts about some people, their workplaces and the cities of those workplaces are in the text."
-    return intro, facts, f"In which city does {people[0]} work?", [cities[0]], 12
+    return intro, facts, f"In which city does {people[0]} work?", [cities[0]], 8, f"{people[0]} works in"
 
 
 FAMILIES = {f.__name__: f for f in (niah_number, niah_word, niah_uuid, multikey, multivalue, multiquery, vt,
                                     mqar, cwe, qa)}  # fmt: skip
 
 
-def _render(tokenizer, context: str, question: str) -> tuple[str, str]:
-    """The chat-templated prompt split at the question: (context part, question part)."""
+def _render(tokenizer, context: str, question: str, prefix: str) -> tuple[str, str]:
+    """The chat-templated prompt split at the question: (context part, question part + RULER's answer prefix
+    at the start of the assistant's turn)."""
     text = f"{context}\n\n{question}"
     if getattr(tokenizer, "chat_template", None):
         full = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
@@ -217,7 +238,7 @@ def _render(tokenizer, context: str, question: str) -> tuple[str, str]:
     else:
         full = text + "\nAnswer:"
     at = full.rindex(question)
-    return full[:at], full[at:]
+    return full[:at], full[at:] + prefix
 
 
 def make_sample(tokenizer, split: str, index: int, length: int, families=None) -> MixSample:
@@ -235,7 +256,7 @@ def make_sample(tokenizer, split: str, index: int, length: int, families=None) -
     seed = SEED_BASE[split] + index
     rng = random.Random(f"mix-{seed}")
     source = rng.choice(SOURCES)
-    intro, needles, question, answers, max_new = FAMILIES[family](rng)
+    intro, needles, question, answers, max_new, prefix = FAMILIES[family](rng)
     depths = sorted(rng.uniform(0.05, 0.95) for _ in needles)
     pool, used = haystack_sentences(split, source, rng, max(64, length // 12))
     lens = [len(ids) + 1 for ids in tokenizer(pool, add_special_tokens=False).input_ids]
@@ -245,7 +266,7 @@ def make_sample(tokenizer, split: str, index: int, length: int, families=None) -
         for needle, depth in zip(needles, depths, strict=True):
             body, at = insert_at_depth(body, ln, needle, depth)
             ln.insert(at, 0)
-        ctx, q = _render(tokenizer, f"{intro}\n\n" + " ".join(body), question)
+        ctx, q = _render(tokenizer, f"{intro}\n\n" + " ".join(body), question, prefix)
         return ctx, q
 
     def tokens(n):

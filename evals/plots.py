@@ -99,3 +99,39 @@ def write_all(results: list[dict], out: Path, model: str) -> list[str]:
                 name = f"{result['suite']}_heatmap_{config['label']}.png".replace("/", "_")
                 files.append(niah_heatmap(result, config, out / name, model).name)
     return files
+
+
+def accuracy_vs_kv(rows: list[dict], path: Path, title: str = "") -> Path | None:
+    """kvpress's leaderboard plot: accuracy (95% interval bars) against KV saved, one line per method family and
+    protocol (solid A, dashed B), dense as the ceiling. `rows` from `accuracy.summarize`."""
+    if not available():
+        print(SKIPPED)
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    dense = [r for r in rows if r["label"] == "dense"]
+    if dense:
+        ax.axhline(dense[0]["accuracy"], color="black", lw=1, label=f"dense {dense[0]['accuracy']:.2f}")
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        if r["label"] != "dense":
+            family = r["label"].rsplit("-", 1)[0] if r["label"].rsplit("-", 1)[-1].isdigit() else r["label"]
+            groups.setdefault((r["toolkit"], family, r["protocol"]), []).append(r)
+    for (toolkit, family, proto), rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["kv_saved"])
+        x = [100 * r["kv_saved"] for r in rs]
+        y = [r["accuracy"] for r in rs]
+        err = [[r["accuracy"] - r["ci95"][0] for r in rs], [r["ci95"][1] - r["accuracy"] for r in rs]]
+        marker = "o" if toolkit == "llmpatch" else "s"
+        ax.errorbar(x, y, yerr=err, marker=marker, ls="-" if proto == "A" else "--", capsize=3,
+                    label=f"{'' if toolkit == 'llmpatch' else toolkit + ' '}{family} ({proto})")  # fmt: skip
+    ax.set_xlabel("KV cache saved (%)")
+    ax.set_ylabel("accuracy (test split)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title or "accuracy vs KV saved")
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -590,6 +591,54 @@ def bench_model_cmd(
     console.print(table)
     _write_json(json_out, rows, {"command": "bench model", "model": model, "method": method, "sets": sets,
                                  "length": length, "decode_tokens": decode_tokens})  # fmt: skip
+
+
+@bench_app.command("accuracy")
+def bench_accuracy_cmd(
+    recipe: Path = typer.Argument(..., help="mix recipe YAML (recipes/*-mix.yaml)"),
+    out: Path = typer.Option(
+        None, "--out", help="output folder (default runs/<recipe>); reruns resume there"
+    ),
+    only: str = typer.Option(None, "--only", help="comma-separated labels to run (default: all)"),
+    split: str = typer.Option(None, "--split", help="dev or test (default: the recipe's)"),
+    samples: int = typer.Option(None, "--samples", min=1, help="samples per point (default: the recipe's)"),
+    report_only: bool = typer.Option(
+        False, "--report-only", help="only rebuild the table and plot from --out"
+    ),
+):
+    """The held-out mix: accuracy against KV saved for every method and protocol (A: the whole prompt, B: the
+    question after the cache is cut), with 95% intervals; resumable."""
+    from rich.progress import Progress
+
+    from .evals import accuracy, haystacks
+    from .meta import run_metadata
+    from .models import load_model
+
+    try:
+        r = accuracy.load(recipe)
+        if split is not None:
+            if split not in ("dev", "test"):
+                raise ParameterError(f"--split: must be dev or test, got {split!r}")
+            r.split = split
+        r.samples = samples or r.samples
+        out = out or Path("runs") / f"{recipe.stem}-{r.split}"
+        labels = None if only is None else {x.strip() for x in only.split(",") if x.strip()}
+        unknown = sorted((labels or set()) - {p.label for p in r.points})
+        if unknown:
+            raise ParameterError(f"--only: unknown label {unknown[0]!r}; the recipe has "
+                                 f"{', '.join(p.label for p in r.points)}")  # fmt: skip
+        if not report_only:
+            m, tok = load_model(r.model, dtype=r.dtype, progress=err.print)
+            accuracy.check_points(r, m)
+            meta = run_metadata(recipe=r.raw, recipe_path=r.path, haystacks=haystacks.source_digest(),
+                                split=r.split, samples=r.samples)  # fmt: skip
+            with Progress(console=err) as progress:
+                accuracy.run(m, tok, r, out, only=labels, progress=progress, meta=meta)
+        files = accuracy.report(out, title=f"{r.model}, {r.length} tokens, {r.split} split")
+    except LlmpatchError as exc:
+        _fail(str(exc))
+    console.print(escape((out / "summary.md").read_text()))
+    console.print(f"wrote {', '.join(files)} to {out}")
 
 
 @app.callback(invoke_without_command=True)

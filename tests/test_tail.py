@@ -95,5 +95,7 @@ def test_tail_is_described_and_refuses_act():
     spec = llmpatch.detect(model)
     heads = [[li, hi] for li in range(spec.num_layers) for hi in range(spec.num_heads)]
     with pytest.raises(llmpatch.ParameterError, match="calibration"):
-        llmpatch.apply(model, ["streamingllm", "act"], streamingllm={"window": 4, "tail": 8}, act={"heads": heads})
+        llmpatch.apply(
+            model, ["streamingllm", "act"], streamingllm={"window": 4, "tail": 8}, act={"heads": heads}
+        )
     assert model.config._attn_implementation != "llmpatch"
