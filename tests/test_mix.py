@@ -75,7 +75,12 @@ def test_bench_accuracy_runs_both_protocols_resumes_and_reports(smollm2, tmp_pat
     out = tmp_path / "out"
     accuracy.run(model, tok, r, out)
     files = {p.name for p in out.glob("*.jsonl")}
-    assert files == {"dense.A.jsonl", "streamingllm-50.A.jsonl", "streamingllm-50.B.jsonl", "samples.dev.jsonl"}
+    assert files == {
+        "dense.A.jsonl",
+        "streamingllm-50.A.jsonl",
+        "streamingllm-50.B.jsonl",
+        "samples.dev.jsonl",
+    }
     before = (out / "streamingllm-50.B.jsonl").read_text()
     accuracy.run(model, tok, r, out)  # resumes: nothing to do
     assert (out / "streamingllm-50.B.jsonl").read_text() == before

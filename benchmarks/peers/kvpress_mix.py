@@ -51,8 +51,9 @@ def greedy(model, first_logits, cache, pos, max_new, eos):
     for i in range(max_new - 1):
         if ids[-1] in eos:
             break
-        out = model(input_ids=torch.tensor([[ids[-1]]]), past_key_values=cache,
-                    position_ids=torch.tensor([[pos + i]]))
+        out = model(
+            input_ids=torch.tensor([[ids[-1]]]), past_key_values=cache, position_ids=torch.tensor([[pos + i]])
+        )
         ids.append(int(out.logits[0, -1].argmax()))
     return ids
 
@@ -70,8 +71,11 @@ def run_one(model, tok, press, s, protocol, eos):
     else:
         with press(model):
             model(input_ids=torch.tensor([ctx]), past_key_values=cache)
-        out = model(input_ids=torch.tensor([q]), past_key_values=cache,
-                    position_ids=torch.arange(len(ctx), len(ctx) + len(q)).unsqueeze(0))
+        out = model(
+            input_ids=torch.tensor([q]),
+            past_key_values=cache,
+            position_ids=torch.arange(len(ctx), len(ctx) + len(q)).unsqueeze(0),
+        )
         new = greedy(model, out.logits, cache, len(ctx) + len(q), s["max_new_tokens"], eos)
         compressed = len(ctx)
     seconds = time.perf_counter() - t0
@@ -79,14 +83,24 @@ def run_one(model, tok, press, s, protocol, eos):
     kept = sum(layer.keys.shape[2] for layer in cache.layers) / len(cache.layers)
     nominal = isinstance(press, AdaKVPress)
     saved = press.compression_ratio * compressed / dense_len if nominal else 1 - kept / dense_len
-    return {"output": tok.decode(new, skip_special_tokens=True), "kv_saved": saved, "kv_saved_nominal": nominal,
-            "prefill_computed": 1.0, "seconds": seconds, "new_tokens": len(new)}
+    return {
+        "output": tok.decode(new, skip_special_tokens=True),
+        "kv_saved": saved,
+        "kv_saved_nominal": nominal,
+        "prefill_computed": 1.0,
+        "seconds": seconds,
+        "new_tokens": len(new),
+    }
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model-dir", required=True, help="the HF folder llmpatch converted (llmpatch models list)")
-    ap.add_argument("--out", required=True, help="the llmpatch bench accuracy folder holding samples.<split>.jsonl")
+    ap.add_argument(
+        "--model-dir", required=True, help="the HF folder llmpatch converted (llmpatch models list)"
+    )
+    ap.add_argument(
+        "--out", required=True, help="the llmpatch bench accuracy folder holding samples.<split>.jsonl"
+    )
     ap.add_argument("--split", default="test")
     ap.add_argument("--samples", type=int, default=30)
     ap.add_argument("--presses", default=",".join(PRESSES))
@@ -94,32 +108,55 @@ def main():
     ap.add_argument("--protocols", default="A,B")
     args = ap.parse_args()
     out = Path(args.out)
-    samples = [json.loads(x) for x in (out / f"samples.{args.split}.jsonl").read_text().splitlines()][: args.samples]
+    samples = [json.loads(x) for x in (out / f"samples.{args.split}.jsonl").read_text().splitlines()][
+        : args.samples
+    ]
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(args.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_dir, dtype=torch.float32, attn_implementation="sdpa"
+    )
     model.eval()
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
-    meta = {"toolkit": "kvpress", "kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else "0.5.5",
-            "transformers": transformers.__version__, "torch": torch.__version__, "python": platform.python_version(),
-            "argv": sys.argv}
+    meta = {
+        "toolkit": "kvpress",
+        "kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else "0.5.5",
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "argv": sys.argv,
+    }
     for name in args.presses.split(","):
         for ratio in (float(r) for r in args.ratios.split(",")):
             for proto in args.protocols.split(","):
                 label = f"kvpress-{name}-{round(ratio * 100)}"
                 path = out / f"{label}.{proto}.jsonl"
-                have = {json.loads(x)["seed"] for x in path.read_text().splitlines()} if path.is_file() else set()
-                (out / f"{label}.{proto}.meta.json").write_text(json.dumps({**meta, "press": name, "ratio": ratio,
-                                                                            "protocol": proto}, indent=2) + "\n")
+                have = (
+                    {json.loads(x)["seed"] for x in path.read_text().splitlines()}
+                    if path.is_file()
+                    else set()
+                )
+                (out / f"{label}.{proto}.meta.json").write_text(
+                    json.dumps({**meta, "press": name, "ratio": ratio, "protocol": proto}, indent=2) + "\n"
+                )
                 for s in samples:
                     if s["seed"] in have:
                         continue
                     rec = run_one(model, tok, PRESSES[name](ratio), s, proto, eos)
-                    line = {"label": label, "protocol": proto, "toolkit": "kvpress", "family": s["family"],
-                            "split": s["split"], "index": s["index"], "seed": s["seed"], "source": s["source"],
-                            "n_tokens": len(s["context_ids"]) + len(s["question_ids"]), "answers": s["answers"],
-                            **rec}
+                    line = {
+                        "label": label,
+                        "protocol": proto,
+                        "toolkit": "kvpress",
+                        "family": s["family"],
+                        "split": s["split"],
+                        "index": s["index"],
+                        "seed": s["seed"],
+                        "source": s["source"],
+                        "n_tokens": len(s["context_ids"]) + len(s["question_ids"]),
+                        "answers": s["answers"],
+                        **rec,
+                    }
                     with path.open("a") as f:
                         f.write(json.dumps(line) + "\n")
                     print(label, proto, s["index"], repr(rec["output"][:60]), flush=True)
