@@ -424,7 +424,10 @@ def calibrate_act_cmd(
 @calibrate_app.command("moa")
 def calibrate_moa_cmd(
     model: str = typer.Option(..., "--model", "-m", help="alias, HF id or path"),
-    density: float = typer.Option(0.25, "--density", help="MoA density budget in (0, 1]: mean span / length"),
+    density: str = typer.Option("0.25", "--density", help="MoA density budget(s) in (0, 1]: mean span / length; "
+                                "a comma list writes one plan per budget from one profile (OUT-<pct>.json)"),
+    data: str = typer.Option("suites", "--data", help="calibration prompts: 'suites' (needles + summaries) or "
+                             "'mix' (the held-out mix's dev split)"),
     lengths: str = typer.Option("1024,2048", "--lengths", help="comma-separated profiling lengths"),
     validate_length: int = typer.Option(None, "--validate-length", help="pick among the Pareto plans here"),
     samples: int = typer.Option(8, "--samples", min=1, help="calibration prompts per length"),
@@ -456,34 +459,47 @@ def calibrate_moa_cmd(
             params = moa.import_official(import_official, spec)
             plan = Plan(model=spec.fingerprint(), methods=[{"name": "moa", "params": params}],
                         provenance=provenance(imported_from=str(import_official)))  # fmt: skip
-            res = None
         else:
             hay = Haystack(haystack) if haystack else None
-            res = moa_search.search(m, tok, density=density, lengths=length_list, validate_length=validate_length,
-                                    samples=samples, seed=seed, haystack=hay, gqa=gqa, progress=show)  # fmt: skip
-            plan = moa_search.to_plan(res, spec)
-            params = res["params"]
-        plan.save(out)
+            budgets = _csv(density, float, "density")
+            many = len(budgets) > 1
+            found = moa_search.search(m, tok, density=budgets if many else budgets[0], lengths=length_list,
+                                      validate_length=validate_length, samples=samples, seed=seed, haystack=hay,
+                                      gqa=gqa, progress=show, data=data)  # fmt: skip
+            outs = (
+                [out.with_name(f"{out.stem}-{round(100 * d)}{out.suffix}") for d in budgets]
+                if many
+                else [out]
+            )
+            for res, path in zip(found if many else [found], outs, strict=True):
+                moa_search.to_plan(res, spec).save(path)
+                _show_moa(res, model)
+            params, out = res["params"], ", ".join(str(p) for p in outs)
+        if import_official is not None:
+            plan.save(out)
         if export_official is not None:
             export_official.write_text(json.dumps(moa.export_official(params)) + "\n")
     except LlmpatchError as exc:
         _fail(str(exc))
-    if res is not None:
-        table = Table(title=f"MoA plans for {model} at density {density} ({res['configs']} configs, "
-                            f"alpha x {res['alpha_scale']:g}, {res['total_s']:.0f} s)")  # fmt: skip
-        for col in ("units", "objective", "density", "KV kept", "profiled loss", "validation loss", "chosen"):
-            table.add_column(col, justify="right")
-        for c in [*res["candidates"], res["other_units"]]:
-            table.add_row(c.get("units", res["units"]), c["objective"],
-                          " ".join(f"{n}:{d:.3f}" for n, d in c["density"].items()),
-                          " ".join(f"{n}:{d:.3f}" for n, d in c["kv_fraction"].items()),
-                          " ".join(f"{v:.3g}" for v in c["profiled_loss"].values()),
-                          f"{c['validation_loss']:.4f}" if "validation_loss" in c else "-",
-                          "*" if c is not res["other_units"] and c["objective"] == res["chosen"] else "")  # fmt: skip
-        console.print(table)
-        if res["dense_validation_loss"] is not None:
-            console.print(f"dense validation loss {res['dense_validation_loss']:.4f}", highlight=False)
     console.print(f"wrote {out}" + (f" and {export_official}" if export_official else ""), highlight=False)
+
+
+def _show_moa(res: dict, model: str) -> None:
+    density = res["density_budget"]
+    table = Table(title=f"MoA plans for {model} at density {density} ({res['configs']} configs, "
+                        f"alpha x {res['alpha_scale']:g}, {res['total_s']:.0f} s)")  # fmt: skip
+    for col in ("units", "objective", "density", "KV kept", "profiled loss", "validation loss", "chosen"):
+        table.add_column(col, justify="right")
+    for c in [*res["candidates"], res["other_units"]]:
+        table.add_row(c.get("units", res["units"]), c["objective"],
+                      " ".join(f"{n}:{d:.3f}" for n, d in c["density"].items()),
+                      " ".join(f"{n}:{d:.3f}" for n, d in c["kv_fraction"].items()),
+                      " ".join(f"{v:.3g}" for v in c["profiled_loss"].values()),
+                      f"{c['validation_loss']:.4f}" if "validation_loss" in c else "-",
+                      "*" if c is not res["other_units"] and c["objective"] == res["chosen"] else "")  # fmt: skip
+    console.print(table)
+    if res["dense_validation_loss"] is not None:
+        console.print(f"dense validation loss {res['dense_validation_loss']:.4f}", highlight=False)
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks against dense SDPA (same machine, same run).")

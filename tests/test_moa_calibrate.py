@@ -83,22 +83,35 @@ def test_milp_respects_budget_and_two_configs_per_layer():
         assert len({choice[u] for u, (lj, _) in enumerate(units) if lj == li}) <= 2
 
 
+class Tok:
+    pad_token_id, eos_token_id, chat_template = 0, 2, None
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        def enc(t):  # a word-level stand-in tokenizer
+            return [3 + sum(map(ord, w)) % 120 for w in t.split()]
+
+        ids = [enc(t) for t in text] if isinstance(text, list) else enc(text)
+
+        class R:
+            input_ids = torch.tensor([ids]) if return_tensors else ids
+
+        return R()
+
+
+def test_one_profile_gives_a_plan_per_budget_on_the_mix_dev_split():
+    model = tiny_model("llama", max_position_embeddings=1024)
+    res = cal.search(model, Tok(), density=[0.5, 0.3], lengths=[512], samples=2, data="mix")
+    assert [r["density_budget"] for r in res] == [0.5, 0.3]
+    assert {r["data"] for r in res} == {"mix"} and res[0]["profile_s"] == res[1]["profile_s"]
+    for r in res:
+        assert all(d <= r["density_budget"] + 1e-9 for d in r["candidates"][0]["density"].values())
+    assert "dev split" in cal.to_plan(res[1], llmpatch.detect(model)).provenance["calibration_data"]["tasks"]
+    with pytest.raises(ParameterError, match="data"):
+        cal.search(model, Tok(), density=0.5, lengths=[256], data="test")
+
+
 def test_search_on_tiny_model_writes_a_valid_plan(tmp_path):
     model = tiny_model("llama", max_position_embeddings=1024)
-
-    class Tok:
-        pad_token_id, eos_token_id, chat_template = 0, 2, None
-
-        def __call__(self, text, return_tensors=None, add_special_tokens=False):
-            def enc(t):  # a word-level stand-in tokenizer
-                return [3 + sum(map(ord, w)) % 120 for w in t.split()]
-
-            ids = [enc(t) for t in text] if isinstance(text, list) else enc(text)
-
-            class R:
-                input_ids = torch.tensor([ids]) if return_tensors else ids
-
-            return R()
 
     res = cal.search(model, Tok(), density=0.5, lengths=[256, 384], validate_length=448, samples=2)
     spec = llmpatch.detect(model)

@@ -67,11 +67,19 @@ def density(config, n: int) -> float:
 # --- calibration data -----------------------------------------------------------------------------------------
 
 
-def prompts(tokenizer, length: int, n: int, seed: int = 0, haystack=None) -> list[str]:
-    """n prompts of at most length - ANSWER_TOKENS tokens, alternating a RULER-style needle question (retrieval)
-    and a one-sentence summary of haystack text (local, generated unless `haystack` is given)."""
+def prompts(tokenizer, length: int, n: int, seed: int = 0, haystack=None, data: str = "suites") -> list[str]:
+    """n prompts of at most length - ANSWER_TOKENS tokens. data="suites": alternating a RULER-style needle
+    question (retrieval) and a one-sentence summary of haystack text (generated unless `haystack` is given);
+    data="mix": the held-out mix's dev split, every family in turn (never its test split)."""
     from ..evals.haystack import Haystack
     from ..evals.suites import fit, get_suite
+
+    if data == "mix":
+        from ..evals.mix import make_samples
+
+        start = 1000 * (seed % 1000)  # validation (seed + 1) reads other dev samples
+        return [s.context + s.question for s in make_samples(tokenizer, "dev", n, length - ANSWER_TOKENS,
+                                                              start=start)]  # fmt: skip
 
     hay = haystack or Haystack(seed=seed)
     needle = get_suite("ruler_niah_single")
@@ -333,13 +341,18 @@ def answer_loss(model, samples, params: dict | None) -> float:
         return run()
 
 
-def search(model, tokenizer, *, density: float, lengths: list[int], validate_length: int | None = None,
-           samples: int = 8, seed: int = 0, haystack=None, gqa: str = "head", progress=None) -> dict:  # fmt: skip
+def search(model, tokenizer, *, density, lengths: list[int], validate_length: int | None = None,
+           samples: int = 8, seed: int = 0, haystack=None, gqa: str = "head", progress=None,
+           data: str = "suites") -> dict | list[dict]:  # fmt: skip
+    """One plan search; `density` a list gives one result per budget from the same profile."""
     import llmpatch
 
     spec = llmpatch.detect(model)
-    if not 0 < density <= 1:
-        raise ParameterError(f"density: must be a number in (0, 1], got {density}")
+    budgets = list(density) if isinstance(density, (list, tuple)) else [density]
+    if not budgets or any(not isinstance(d, (int, float)) or not 0 < d <= 1 for d in budgets):
+        raise ParameterError(f"density: must be a number in (0, 1] (or a list of them), got {density}")
+    if data not in ("suites", "mix"):
+        raise ParameterError(f"data: must be 'suites' or 'mix', got {data!r}")
     if gqa not in ("group", "head"):
         raise ParameterError(f"gqa: must be 'group' or 'head', got {gqa!r}")
     context = spec.max_position_embeddings
@@ -354,11 +367,27 @@ def search(model, tokenizer, *, density: float, lengths: list[int], validate_len
     searched = [li for li in range(spec.num_layers) if spec.sliding_window[li] is None]
     losses, profiles = {}, {}
     for n in lengths:
-        data = dense_answers(model, tokenizer, prompts(tokenizer, n, samples, seed, haystack))
-        diag = profile(model, data, progress=lambda r, n=n: progress and progress({"length": n, **r}))
-        true_n = max(len(p) + len(a) for p, a in data)
+        answered = dense_answers(model, tokenizer, prompts(tokenizer, n, samples, seed, haystack, data))
+        diag = profile(model, answered, progress=lambda r, n=n: progress and progress({"length": n, **r}))
+        true_n = max(len(p) + len(a) for p, a in answered)
         losses[n] = config_losses(diag, configs, true_n)
         profiles[n] = true_n
+    val = None
+    if validate_length:
+        val = dense_answers(
+            model, tokenizer, prompts(tokenizer, validate_length, samples, seed + 1, haystack, data)
+        )
+    profile_s = time.perf_counter() - t0
+    results = [_choose(model, spec, configs, scale, searched, losses, profiles, lengths, d, gqa, val,
+                       validate_length, dict(samples=samples, seed=seed, data=data, profile_s=profile_s))
+               for d in budgets]  # fmt: skip
+    return results if isinstance(density, (list, tuple)) else results[0]
+
+
+def _choose(model, spec, configs, scale, searched, losses, profiles, lengths, density, gqa, val, validate_length,
+            extra) -> dict:  # fmt: skip
+    """The MILP candidates for one density budget on a shared profile, and the one the validation picks."""
+    t0 = time.perf_counter()
     norm = {n: 1.0 / max(float(losses[n].max(-1).sum()), 1e-30) for n in lengths}
     objectives = {f"length {n}": {n: norm[n]} for n in lengths}
     if len(lengths) > 1:
@@ -373,9 +402,6 @@ def search(model, tokenizer, *, density: float, lengths: list[int], validate_len
                      objectives[list(objectives)[-1]], spec, searched)  # fmt: skip
     chosen = candidates[-1]
     if validate_length:
-        val = dense_answers(
-            model, tokenizer, prompts(tokenizer, validate_length, samples, seed + 1, haystack)
-        )
         dense_loss = answer_loss(model, val, None)
         for c in [*candidates, alt]:
             c["validation_loss"] = answer_loss(model, val, c["params"])
@@ -387,8 +413,8 @@ def search(model, tokenizer, *, density: float, lengths: list[int], validate_len
             "configs": len(configs), "alpha_scale": scale, "units": gqa, "other_units": alt,
             "searched_layers": searched, "lengths": lengths, "profiled_tokens": profiles,
             "validate_length": validate_length, "dense_validation_loss": dense_loss if validate_length else None,
-            "samples": samples, "seed": seed, "density_budget": density,
-            "total_s": time.perf_counter() - t0}  # fmt: skip
+            **extra, "density_budget": density,
+            "total_s": extra["profile_s"] + time.perf_counter() - t0}  # fmt: skip
 
 
 def _units(spec, searched, gqa):
@@ -428,5 +454,8 @@ def to_plan(result: dict, spec):
     meta = {k: v for k, v in result.items() if k != "params"}
     meta["candidates"] = [{k: v for k, v in c.items() if k != "params"} for c in result["candidates"]]
     return Plan(model=spec.fingerprint(), methods=[{"name": "moa", "params": result["params"]}],
-                provenance=provenance(calibration_data={"tasks": "ruler_niah_single + summaries, answers by the "
-                                                        "dense model", **meta}))  # fmt: skip
+                provenance=provenance(calibration_data={"tasks": TASKS[result.get("data", "suites")], **meta}))  # fmt: skip
+
+
+TASKS = {"suites": "ruler_niah_single + summaries, answers by the dense model",
+         "mix": "the held-out mix's dev split (every family), answers by the dense model"}  # fmt: skip
