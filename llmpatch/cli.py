@@ -382,6 +382,53 @@ def calibrate_retrieval_cmd(
     console.print("wrote " + " and ".join(wrote))
 
 
+@calibrate_app.command("retrieval-effect")
+def calibrate_retrieval_effect_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="alias, HF id or path"),
+    plan: Path = typer.Option(
+        ..., "--plan", help="the retrieval plan to extend (llmpatch calibrate retrieval)"
+    ),
+    top_k: int = typer.Option(..., "--top-k", min=1, help="retrieval_kv's top_k for the ranking choice"),
+    samples: int = typer.Option(4, "--samples", min=1, help="dev prompts for the effect of each KV head"),
+    dev_samples: int = typer.Option(
+        20, "--dev-samples", min=1, help="dev samples per ranking for the choice"
+    ),
+    length: int = typer.Option(1024, "--length", min=256, help="prompt length in tokens"),
+    sink: int = typer.Option(32, "--sink", min=0),
+    recent: int = typer.Option(128, "--recent", min=1),
+    families: str = typer.Option(None, "--families", help="comma-separated mix families (default: all)"),
+    out: Path = typer.Option(..., "--out", help="plan JSON to write"),
+):
+    """retrieval_kv heads by measured effect: the answer loss on dev prompts when each KV head alone is cut to
+    sink + recent; then the ranking (copy, mass, effect) with the best dev accuracy becomes the plan's default."""
+    from . import adapters
+    from .calibrate import effect
+    from .models import load_model
+    from .plan import Plan, provenance
+
+    def show(r):
+        err.print("  " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()),
+                  highlight=False)  # fmt: skip
+
+    try:
+        source = Plan.load(plan)
+        m, tok = load_model(model, progress=err.print)
+        spec = adapters.detect(m)
+        source.check_model(spec)
+        entry = source.params_for("retrieval_heads")
+        fams = None if families is None else [f.strip() for f in families.split(",") if f.strip()]
+        res = effect.calibrate(m, tok, entry, top_k=top_k, samples=samples, dev_samples=dev_samples,
+                               length=length, sink=sink, recent=recent, families=fams, progress=show)  # fmt: skip
+        Plan(spec.fingerprint(), [{"name": "retrieval_heads", "params": res["params"]}],
+             provenance(source_plan=source.provenance, **res["provenance"])).save(out)  # fmt: skip
+    except LlmpatchError as exc:
+        _fail(str(exc))
+    choice = res["provenance"]["ranking_choice"]
+    console.print(f"dev accuracy at top_k {top_k}: " + ", ".join(f"{k} {v:.3f}" for k, v in
+                  choice["dev_accuracy"].items()) + f"; chosen: {choice['chosen']}", highlight=False)  # fmt: skip
+    console.print(f"wrote {out} ({choice['total_s']:.0f} s)", highlight=False)
+
+
 @calibrate_app.command("act")
 def calibrate_act_cmd(
     model: str = typer.Option(..., "--model", "-m", help="alias, HF id or path"),

@@ -106,6 +106,9 @@ def ranked_heads(scores) -> list[tuple[int, int]]:
     return [(li, hi) for _, li, hi in sorted(flat)]
 
 
+SCORES = {"copy": "scores", "mass": "mass_scores", "effect": "effect_scores"}  # score -> the plan's table
+
+
 @dataclasses.dataclass
 class ScoredHeads(Method):
     """The per-head scores of a retrieval plan (its `retrieval_heads` entry), shared by retrieval_mask and
@@ -117,8 +120,11 @@ class ScoredHeads(Method):
     mass_scores: list | None = param(
         None, "a layers x heads list of needle attention mass (a retrieval plan)"
     )
-    score: str = param("copy", "'copy' (the paper's copy-paste score) or 'mass' (attention mass on the needle)",
-                       lambda v: v in ("copy", "mass"))  # fmt: skip
+    effect_scores: list | None = param(
+        None, "a layers x heads list of measured effects (`llmpatch calibrate retrieval-effect`)"
+    )
+    score: str = param("copy", "'copy' (the paper's copy-paste score), 'mass' (attention mass on the needle) or "
+                       "'effect' (answer loss when the head's KV is cut)", lambda v: v in SCORES)  # fmt: skip
 
     def ranking(self, spec) -> list[list[float]]:
         """The score table `score` names, checked against the model."""
@@ -130,9 +136,15 @@ class ScoredHeads(Method):
         check_scores(self.name, self.scores, spec)
         if self.score == "copy":
             return self.scores
-        if self.mass_scores is None:
-            raise ParameterError(
-                f"{self.name}: score='mass' needs 'mass_scores' (written by `llmpatch calibrate retrieval`)"
+        table = getattr(self, SCORES[self.score])
+        if table is None:
+            by = (
+                "`llmpatch calibrate retrieval-effect`"
+                if self.score == "effect"
+                else "`llmpatch calibrate retrieval`"
             )
-        check_scores(self.name, self.mass_scores, spec)
-        return self.mass_scores
+            raise ParameterError(
+                f"{self.name}: score={self.score!r} needs {SCORES[self.score]!r} (written by {by})"
+            )
+        check_scores(self.name, table, spec)
+        return table

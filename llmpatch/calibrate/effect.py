@@ -1,0 +1,99 @@
+"""retrieval_kv's head choice by measured effect, as `llmpatch calibrate retrieval-effect`.
+
+The training-free analogue of DuoAttention's learned gates (Xiao et al., 2024): for every KV head of the layers
+retrieval_kv compresses, the answer loss on dev-split prompts when that KV head alone keeps only sink + recent
+and every other head keeps everything, minus the dense loss. A large increase marks a head that needs its full
+cache. Prompts are the held-out mix's dev split, answered greedily by the dense model (the test split is never
+read). A KV head's effect is given to each of its query heads (retrieval_kv keeps whole KV groups).
+
+Then the rankings the plan holds (copy, mass, effect) are compared by dev accuracy: retrieval_kv at `top_k` on
+`dev_samples` mix samples under the question-aware protocol, and the plan's default `score` becomes the best
+(ties: effect, then mass, then copy). The plan's provenance keeps every figure and the cost.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..errors import ParameterError
+
+
+@torch.no_grad()
+def _loss(model, data) -> float:
+    total = 0.0
+    for prompt, answer in data:
+        ids = torch.cat([prompt, answer]).unsqueeze(0)
+        logits = model(ids, use_cache=False, logits_to_keep=len(answer) + 1).logits[0, :-1]
+        total += float(torch.nn.functional.cross_entropy(logits.float(), answer))
+    return total / len(data)
+
+
+def effect_scores(model, tokenizer, *, samples=4, length=1024, sink=32, recent=128, progress=None):
+    """[layers][query heads]: answer-loss increase when the head's KV head alone is cut to sink + recent."""
+    import llmpatch
+
+    from .moa import dense_answers, prompts
+
+    spec = llmpatch.detect(model)
+    data = dense_answers(model, tokenizer, prompts(tokenizer, length, samples, seed=7, data="mix"))
+    base = _loss(model, data)
+    g = spec.num_heads // spec.num_kv_heads
+    every = [(li, h) for li in range(spec.num_layers) for h in range(spec.num_heads)]
+    scores = [[0.0] * spec.num_heads for _ in range(spec.num_layers)]
+    for li in range(spec.num_layers):
+        if spec.sliding_window[li] is not None:
+            continue  # retrieval_kv leaves those layers dense
+        for kv in range(spec.num_kv_heads):
+            keep = [[a, h] for a, h in every if not (a == li and h // g == kv)]
+            with llmpatch.patched(model, "retrieval_kv", heads=keep, sink=sink, recent=recent):
+                delta = _loss(model, data) - base
+            for h in range(kv * g, (kv + 1) * g):
+                scores[li][h] = delta
+            if progress:
+                progress({"layer": li, "kv_head": kv, "delta": delta})
+    return scores, base
+
+
+def dev_accuracy(model, tokenizer, params: dict, *, samples: int, length: int, families=None) -> float:
+    """retrieval_kv's mean score on the mix's dev split (protocol A)."""
+    import llmpatch
+    from llmpatch.evals.accuracy import run_sample
+    from llmpatch.evals.mix import make_samples
+
+    dev = make_samples(tokenizer, "dev", samples, length, families, start=500)
+    with llmpatch.patched(model, "retrieval_kv", **params):
+        return sum(run_sample(model, tokenizer, s, "A")["score"] for s in dev) / len(dev)
+
+
+def calibrate(model, tokenizer, plan_params: dict, *, top_k: int, samples=4, dev_samples=20, length=1024,
+              sink=32, recent=128, families=None, progress=None) -> dict:  # fmt: skip
+    """Effect scores added to a retrieval plan's tables, and the ranking chosen by dev accuracy."""
+    if "scores" not in plan_params:
+        raise ParameterError(
+            "plan: needs a retrieval plan (its 'scores' table) from `llmpatch calibrate retrieval`"
+        )
+    t0 = time.perf_counter()
+    effect, base = effect_scores(model, tokenizer, samples=samples, length=length, sink=sink, recent=recent,
+                                 progress=progress)  # fmt: skip
+    profile_s = time.perf_counter() - t0
+    tables = {"scores": plan_params["scores"], "mass_scores": plan_params.get("mass_scores"),
+              "effect_scores": effect}  # fmt: skip
+    accuracy = {}
+    for score in ("effect", "mass", "copy"):
+        if tables[{"effect": "effect_scores", "mass": "mass_scores", "copy": "scores"}[score]] is None:
+            continue
+        params = {**tables, "score": score, "top_k": top_k, "sink": sink, "recent": recent}
+        accuracy[score] = dev_accuracy(
+            model, tokenizer, params, samples=dev_samples, length=length, families=families
+        )
+        if progress:
+            progress({"ranking": score, "dev_accuracy": accuracy[score]})
+    best = max(accuracy, key=lambda k: accuracy[k])  # dict order breaks ties: effect, mass, copy
+    return {"params": {**{k: v for k, v in tables.items() if v is not None}, "score": best},
+            "provenance": {"effect": {"data": "the mix's dev split, answers by the dense model", "samples": samples,
+                                      "length": length, "sink": sink, "recent": recent, "dense_loss": base,
+                                      "seconds": profile_s},
+                           "ranking_choice": {"top_k": top_k, "dev_samples": dev_samples, "families": families, "dev_accuracy": accuracy,
+                                              "chosen": best, "total_s": time.perf_counter() - t0}}}  # fmt: skip

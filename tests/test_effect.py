@@ -1,0 +1,48 @@
+"""retrieval_kv's head choice by measured effect (`llmpatch calibrate retrieval-effect`) on a tiny model."""
+
+import pytest
+import torch
+
+import llmpatch
+from llmpatch.calibrate import effect
+from llmpatch.errors import ParameterError
+from llmpatch.testing import tiny_model
+from tests.test_moa_calibrate import Tok
+
+
+class DecodingTok(Tok):
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(int(i)) for i in ids)
+
+
+def test_effect_scores_cover_the_compressed_layers_and_choose_a_ranking():
+    model = tiny_model("gemma3_text", max_position_embeddings=1024)  # has sliding layers: those stay 0
+    spec = llmpatch.detect(model)
+    g = spec.num_heads // spec.num_kv_heads
+    scores = [[float(h) for h in range(spec.num_heads)] for _ in range(spec.num_layers)]
+    res = effect.calibrate(model, DecodingTok(), {"scores": scores}, top_k=2, samples=1, dev_samples=2,
+                           length=256, sink=4, recent=8)  # fmt: skip
+    eff = res["params"]["effect_scores"]
+    assert len(eff) == spec.num_layers and all(len(r) == spec.num_heads for r in eff)
+    for li in range(spec.num_layers):
+        if spec.sliding_window[li] is not None:
+            assert set(eff[li]) == {0.0}
+        for kv in range(spec.num_kv_heads):  # one figure per KV group
+            assert len(set(eff[li][kv * g : (kv + 1) * g])) == 1
+    assert any(v != 0 for r in eff for v in r)
+    choice = res["provenance"]["ranking_choice"]
+    assert set(choice["dev_accuracy"]) == {"effect", "copy"} and res["params"]["score"] == choice["chosen"]
+    with llmpatch.patched(model, "retrieval_kv", **res["params"], top_k=2, sink=4, recent=8):
+        model(torch.tensor([[5] * 40]))
+    with pytest.raises(ParameterError, match="plan"):
+        effect.calibrate(model, DecodingTok(), {}, top_k=2)
+
+
+def test_score_effect_needs_the_table():
+    model = tiny_model("llama")
+    spec = llmpatch.detect(model)
+    scores = [[0.0] * spec.num_heads for _ in range(spec.num_layers)]
+    with pytest.raises(ParameterError, match="effect_scores"):
+        llmpatch.apply(model, "retrieval_kv", scores=scores, score="effect", top_k=1)
+    with pytest.raises(ParameterError, match="'effect'"):
+        llmpatch.apply(model, "retrieval_kv", scores=scores, score="bogus", top_k=1)
