@@ -156,6 +156,8 @@ def llmpatch_attention(
         taps.observer(decision, query, key, mask, scaling, softcap)  # e.g. retrieval-head detection
     if taps.profiler is not None:  # MoA gradient profiling: exact attention with its own backward
         return taps.profiler(decision, query, key, value, scaling, softcap).transpose(1, 2).contiguous(), None
+    if prefill and decision.select is not None:  # query-aware eviction: pick the keys to pin from this prompt
+        decision.select(decision, query, key, value, mask, scaling, softcap)
     if tail:
         return _dense_tail(query, key, value, tail, decision.backend, kw).transpose(1, 2).contiguous(), None
     out, sinks = dispatch.attention(query, key, value, backend=decision.backend, **kw)

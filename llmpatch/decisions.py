@@ -67,6 +67,11 @@ class LayerDecision:
     sink: torch.Tensor = None  # [H] int64
     window: torch.Tensor = None  # [H] int64, -1 = unlimited
     tail: int = 0  # the last `tail` queries of a prompt attend densely (part of the PATTERN decision)
+    pins: int = 0  # slots per compressed KV head kept for tokens a selection picks after the prompt
+    select: Callable | None = (
+        None  # f(decision, q, k, v, mask, scale, softcap) on a prompt: picks what to pin
+    )
+    pin_to: Callable | None = None  # weakref to the cache layer that takes the pins (set by that layer)
     attend: Callable | None = (
         None  # f(decision, q, k, v, mask, scale, softcap) -> (out, computed count or None)
     )

@@ -23,6 +23,7 @@ CONFIGS = {
         {"alphas": "fours", "betas": "quarters", "sink": 2, "min_span": 3, "length": 20},
     ),
     "streamingllm": ({"density": 1.0}, {"window": 5, "sink": 2}),
+    "snapkv": ({"window": 10_000}, {"sink": 2, "window": 5, "keep": 3, "tail": 3}),
     "longheads": (
         {"chunk_size": 4, "attention_length": 32, "block_size": 2},
         {"chunk_size": 4, "attention_length": 12, "block_size": 2},

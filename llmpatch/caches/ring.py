@@ -11,7 +11,8 @@ Storage is exact per KV head: one flat buffer per layer, k and v [B, S, D], wher
 [off_h, off_h + cap_h) (cap_h = its sink + ring, or the tokens so far plus room to grow for a head that keeps
 every token), and pos [B, S] holds the token position of every slot (-1 = empty). Positions are per row, so left
 padding is never stored; `set_padding` (called by `caches.install` before each forward) says which slots are
-padding.
+padding. With `decision.pins` > 0 each compressed KV head also has that many pinned slots between its sink and
+its ring, filled once after the prompt by the method's query-aware selection (`snapkv`, through `pin`).
 
 `update()` keeps transformers' contract and returns tensors. The prompt (an empty cache) gets its own keys and
 values back, which the backends read with the layer's analytic sink + window pattern; the survivors are then
@@ -25,6 +26,8 @@ by per-KV-head block lists over the segments.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers.cache_utils import DynamicLayer
 
@@ -36,10 +39,12 @@ STEP = 1  # new tokens a call may bring and still be written before it attends (
 GROW = 256  # slots added at once when a head that keeps every token runs out of room
 
 
-def ring_slots(pos: torch.Tensor, sink: torch.Tensor, ring: torch.Tensor) -> torch.Tensor:
-    """Slot of token positions pos [B, Hkv, N] for KV heads with sink[Hkv] and ring[Hkv] (-1: every token)."""
+def ring_slots(pos: torch.Tensor, sink: torch.Tensor, ring: torch.Tensor, pins=None) -> torch.Tensor:
+    """Slot of token positions pos [B, Hkv, N] for KV heads with sink[Hkv] and ring[Hkv] (-1: every token); the
+    ring starts after `pins[Hkv]` pinned slots (none by default)."""
     s, r = sink.view(1, -1, 1), ring.view(1, -1, 1)
-    return torch.where((r < 0) | (pos < s), pos, s + (pos - s) % r.clamp(min=1))
+    k = 0 if pins is None else pins.view(1, -1, 1)
+    return torch.where((r < 0) | (pos < s), pos, s + k + (pos - s) % r.clamp(min=1))
 
 
 class RingLayer(DynamicLayer):
@@ -66,6 +71,9 @@ class RingLayer(DynamicLayer):
         full = (window < 0).any(-1)
         self.sink = torch.where(full, 0, sink.max(-1).values).tolist()
         self.ring = torch.where(full, -1, window.max(-1).values + STEP - 1).tolist()
+        self.pins = [0 if f else self.decision.pins for f in full.tolist()]
+        # the method's selection writes here after the prompt (never into an older cache)
+        self.decision.pin_to = weakref.ref(self) if any(self.pins) else None
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -128,7 +136,7 @@ class RingLayer(DynamicLayer):
         """Store the tokens at positions pos [B, n] (increasing) that each KV head keeps; padding never."""
         b, hkv, n, d = k.shape
         top = int(pos.max()) + 1
-        need = [s + r if r >= 0 else top for s, r in zip(self.sink, self.ring, strict=True)]
+        need = [s + k + r if r >= 0 else top for s, k, r in zip(self.sink, self.pins, self.ring, strict=True)]
         if self.pos is None:
             self._layout(need, b, d, v.shape[-1], k, v)
         elif any(x > c for x, c in zip(need, self.caps, strict=True)):  # a head that keeps every token grew
@@ -140,14 +148,33 @@ class RingLayer(DynamicLayer):
         p = pos[:, None].expand(b, hkv, n)
         last = pos[:, -1:, None]
         keep = (p >= 0) & ((ring < 0) | (p < sink) | (p > last - ring))  # each slot written once
-        slot = ring_slots(p, sink.flatten(), ring.flatten()) + torch.tensor(self.offsets, device=dev).view(
-            1, -1, 1
-        )
+        pins = torch.tensor(self.pins, device=dev)
+        slot = ring_slots(p, sink.flatten(), ring.flatten(), pins) + torch.tensor(
+            self.offsets, device=dev
+        ).view(1, -1, 1)
         bi, hi, ti = keep.nonzero(as_tuple=True)
         s = slot[bi, hi, ti]
         self.keys[bi, s] = k[bi, hi, ti]
         self.values[bi, s] = v[bi, hi, ti]
         self.pos[bi, s] = p[bi, hi, ti]
+
+    def pin(self, index: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep the prompt's key slots `index` [B, Hkv, K] (K <= pins; -1 = none) of keys / values [B, Hkv, N, D]
+        in each KV head's pinned slots. A pinned key is published at position 0, so every rule reads it like a
+        sink: visible to every later query (it is older than all of them)."""
+        b, hkv, k = index.shape
+        for h in range(hkv):
+            n = min(k, self.pins[h])
+            if n == 0:
+                continue
+            seg = slice(self.offsets[h] + self.sink[h], self.offsets[h] + self.sink[h] + n)
+            idx = index[:, h, :n]
+            ok = (idx >= 0)[..., None]
+            rows = idx.clamp(min=0)[..., None]
+            for buf, src in ((self.keys, keys), (self.values, values)):
+                picked = src[:, h].gather(1, rows.expand(b, n, src.shape[-1]))
+                buf[:, seg] = torch.where(ok, picked.to(buf.dtype), buf[:, seg])
+            self.pos[:, seg] = torch.where(ok[..., 0], 0, -1)
 
     def full_kv_heads(self) -> int:
         return sum(r < 0 for r in self.ring) if self.is_initialized else 0

@@ -12,6 +12,7 @@ from .moa import MoA
 from .retrieval_kv import RetrievalKV
 from .retrieval_mask import RetrievalMask
 from .sink_window import SinkWindow
+from .snapkv import SnapKV
 from .streamingllm import StreamingLLM
 
 REGISTRY: dict[str, type[Method]] = {
@@ -24,6 +25,7 @@ REGISTRY: dict[str, type[Method]] = {
     StreamingLLM.name: StreamingLLM,
     LongHeads.name: LongHeads,
     DHSA.name: DHSA,
+    SnapKV.name: SnapKV,
 }
 
 

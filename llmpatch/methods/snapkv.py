@@ -1,0 +1,87 @@
+"""SnapKV: query-aware KV eviction by an observation window (Li et al., 2024, "SnapKV: LLM Knows What You are
+Looking for Before Generation"), on llmpatch's sparse-prefill sink + window ring cache (docs/METHODS.md §6).
+
+Every compressed KV head keeps the first `sink` tokens, the last `window` tokens (a ring, as `streamingllm`), and
+`keep` tokens of the prompt chosen by the prompt's last `tail` queries, the observation window (the question):
+their attention probabilities over the prompt, summed over the window's rows and the KV group's query heads,
+smoothed by a max-pool of width `pool` (the paper's clustering), top-`keep` among the tokens the ring drops.
+The tail attends densely (`LayerDecision.tail`), so the selection reads the question's true attention; the rest
+of the prompt is prefilled with the sink + window pattern, so prefill attention is cut too. The cache holds
+sink + keep + window slots per KV head, whatever the prompt length.
+
+Defaults: sink 16, window 128, keep 192 (336 tokens: 67% KV saved at 1k), tail 64 (SnapKV's window size),
+pool 7 (the paper's kernel, max pooling).
+Departures: SnapKV prefills densely; here only the tail does. The selection is per KV head (GQA: scores summed
+over the group, as kvpress does). Pinned tokens are read like sinks (the ring publishes them at position 0). Layers
+with the model's own sliding window keep their own bounded cache. Selection happens once per prompt: protocol B
+(the question after the context) selects with the context's last `tail` tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..kernels import rules
+from .base import param
+from .shared import ElasticSinkWindow
+
+
+@dataclasses.dataclass
+class SnapKV(ElasticSinkWindow):
+    name = "snapkv"
+    summary = (
+        "sink + window ring cache plus the prompt tokens the question attends to most (observation window)"
+    )
+    ring = True
+    length = None
+
+    sink: int = param(16, "an int >= 1", lambda v: v >= 1)
+    window: int = param(128, "an int >= 1 (recent tokens, the query included)", lambda v: v >= 1)
+    keep: int = param(192, "an int >= 0 (prompt tokens kept per KV head by the observation window)",
+                      lambda v: v >= 0)  # fmt: skip
+    tail: int = param(64, "an int >= 1 (the observation window: last prompt tokens, attending densely)",
+                      lambda v: v >= 1)  # fmt: skip
+    pool: int = param(7, "an odd int >= 1 (max-pool width over the scores)", lambda v: v >= 1 and v % 2 == 1)
+
+    def spans(self, spec):
+        h = spec.num_heads
+        pattern = (torch.full((h,), self.sink), torch.full((h,), self.window))
+        return lambda n: {i: pattern for i in range(spec.num_layers)}
+
+    def configure(self, spec, layers):
+        super().configure(spec, layers)
+        for layer in layers:
+            layer.pins, layer.select = self.keep, self.select
+
+    def select(self, decision, q, k, v, mask, scale, softcap) -> None:
+        """Pin each KV head's top-`keep` prompt tokens by the observation window's attention."""
+        ring = decision.pin_to() if decision.pin_to is not None else None
+        if ring is None or not self.keep:
+            return
+        b, h, n, d = q.shape
+        hkv = k.shape[1]
+        t = min(self.tail, n)
+        start = mask.row_start(b, q.device)
+        q_pos, k_pos = rules.token_positions(b, t, n, start, mask.key_padding, q.device)
+        logits = torch.matmul(
+            q[:, :, n - t :].float(), k.float().repeat_interleave(h // hkv, 1).transpose(-1, -2)
+        )
+        logits = logits * (scale if scale is not None else d**-0.5)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        seen = rules.visible(q_pos[:, None, :, None], k_pos[:, None, None, :])
+        probs = torch.softmax(logits.masked_fill(~seen, float("-inf")), -1).nan_to_num(0.0)
+        scores = probs.sum(2).view(b, hkv, h // hkv, n).sum(2)  # [B, Hkv, N]
+        scores = torch.nn.functional.max_pool1d(scores, self.pool, stride=1, padding=self.pool // 2)
+        last = q_pos[:, -1:, None]  # [B, 1, 1]: the prompt's last position
+        sink = torch.tensor(ring.sink, device=q.device).view(1, -1, 1)
+        span = torch.tensor(ring.ring, device=q.device).view(1, -1, 1)
+        kp = k_pos[:, None, :]
+        dropped = (kp >= sink) & (kp <= last - span) & (span >= 0)  # what the ring lets go
+        scores = scores.masked_fill(~dropped, float("-inf"))
+        # stable: ties (pooling makes plateaus) go to the earlier token, the same with or without padding
+        values, order = scores.sort(dim=-1, descending=True, stable=True)
+        top = min(self.keep, n)
+        ring.pin(torch.where(torch.isfinite(values[..., :top]), order[..., :top], -1), k, v)

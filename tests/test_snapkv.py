@@ -1,0 +1,104 @@
+"""snapkv: the observation window's top tokens are pinned in the ring cache; decoding reads sink + pinned +
+window; keep=0 is streamingllm; pinning every droppable token gives a dense decode over the sparse prefill."""
+
+import pytest
+import torch
+
+import llmpatch
+from llmpatch import caches
+from llmpatch.testing import FAMILIES, tiny_model
+from tests.test_parity import PROMPTS, left_pad
+
+KW = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+PROMPT = [(7 * i + 3) % 97 + 3 for i in range(48)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_zero_is_streamingllm_with_the_same_tail(family):
+    model = tiny_model(family)
+    x = torch.tensor([PROMPT])
+    with llmpatch.patched(model, "streamingllm", sink=2, window=6, tail=4):
+        want = model.generate(x, **KW)
+    with llmpatch.patched(model, "snapkv", sink=2, window=6, keep=0, tail=4):
+        assert torch.equal(model.generate(x, **KW), want)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
+def test_pinning_every_dropped_token_gives_a_dense_decode_over_the_sparse_prefill(family):
+    model = tiny_model(family)
+    x = torch.tensor([PROMPT])
+    with llmpatch.patched(model, "snapkv", sink=2, window=6, keep=len(PROMPT), tail=4):
+        got = model.generate(x, **KW)
+    # the twin: the same sparse prefill over a full cache, then every decode step dense
+    with llmpatch.patched(model, "streamingllm", sink=2, window=6, tail=4, ring=False) as p:
+        out = model(x, use_cache=True)
+        cache, ids = caches.output_cache(out), x
+        for layer in p.layers:
+            layer.window = torch.full_like(layer.window, -1)
+        nxt = out.logits[:, -1:].argmax(-1)
+        for _ in range(KW["max_new_tokens"]):
+            ids = torch.cat([ids, nxt], 1)
+            out = model(nxt, **{caches.cache_argument(model): cache}, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+    assert torch.equal(got, ids)
+
+
+def test_pins_are_the_observation_windows_top_tokens():
+    model = tiny_model("llama")
+    spec = llmpatch.detect(model)
+    x = torch.tensor([PROMPT])
+    seen = {}
+    with llmpatch.patched(model, "snapkv", sink=2, window=6, keep=3, tail=4, pool=1) as p:
+        first = p.layers[0]
+        select = first.select
+
+        def spy(decision, q, k, v, mask, scale, softcap):
+            seen.update(q=q, k=k, scale=scale)
+            select(decision, q, k, v, mask, scale, softcap)
+
+        first.select = spy
+        out = model(x, use_cache=True)
+        layer = caches.output_cache(out).layers[0]
+    q, k = seen["q"].float(), seen["k"].float()
+    g = spec.num_heads // spec.num_kv_heads
+    n = len(PROMPT)
+    logits = q[:, :, -4:] @ k.repeat_interleave(g, 1).transpose(-1, -2) * seen["scale"]
+    causal = torch.arange(n)[None, :] <= torch.arange(n - 4, n)[:, None]
+    probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1).sum(2)
+    scores = probs.view(1, spec.num_kv_heads, g, n).sum(2)[0]
+    for h in range(spec.num_kv_heads):
+        droppable = scores[h, 2 : n - 6]
+        want = set((droppable.topk(3).indices + 2).tolist())
+        seg = slice(layer.offsets[h] + 2, layer.offsets[h] + 5)
+        got = {int((k[0, h] == row).all(-1).nonzero()[0]) for row in layer.keys[0, seg]}
+        assert got == want
+        assert (layer.pos[0, seg] == 0).all()  # read like sinks
+
+
+def test_left_padded_batch_matches_each_prompt_and_bytes_are_bounded():
+    model = tiny_model("llama")
+    ids, mask = left_pad(PROMPTS)
+    with llmpatch.patched(model, "snapkv", sink=2, window=4, keep=3, tail=3):
+        batch = model.generate(ids, attention_mask=mask, **KW)
+        alone = [model.generate(torch.tensor([p]), **KW)[0, len(p) :] for p in PROMPTS]
+        out = model(torch.tensor([PROMPT]), use_cache=True)
+        report = caches.kv_report(caches.output_cache(out))
+    for row, want in zip(batch[:, ids.shape[1] :], alone, strict=True):
+        assert torch.equal(row, want)
+    spec = llmpatch.detect(model)
+    d = spec.head_dim
+    per_layer = 2 * spec.num_kv_heads * (2 + 3 + 4) * d * 4  # k and v, sink + keep + window slots, fp32
+    assert report["kv_bytes"] == per_layer * spec.num_layers
+
+
+def test_bad_parameters_name_themselves():
+    model = tiny_model("llama")
+    for bad, key in [
+        ({"pool": 4}, "pool"),
+        ({"sink": 0}, "sink"),
+        ({"tail": 0}, "tail"),
+        ({"keep": -1}, "keep"),
+    ]:
+        with pytest.raises(llmpatch.ParameterError, match=key):
+            llmpatch.apply(model, "snapkv", **bad)
+    assert model.config._attn_implementation != "llmpatch"
