@@ -168,7 +168,7 @@ def run_sample(model, tokenizer, sample: MixSample, protocol: str, tracker=None)
             prefill_calls = 1
         else:  # the context alone, then the question over the cut cache
             cache = DynamicCache(config=model.config)
-            model(ctx, use_cache=True, **{name: cache})
+            model(ctx, use_cache=True, logits_to_keep=1, **{name: cache})
             out = model.generate(ids, **{name: cache}, **kw)
             prefill_calls = 2
         seconds = time.perf_counter() - t0
