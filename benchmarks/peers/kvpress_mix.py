@@ -65,16 +65,17 @@ def run_one(model, tok, press, s, protocol, eos):
     t0 = time.perf_counter()
     if protocol == "A":
         with press(model):
-            out = model(input_ids=torch.tensor([ctx + q]), past_key_values=cache)
+            out = model(input_ids=torch.tensor([ctx + q]), past_key_values=cache, logits_to_keep=1)
         new = greedy(model, out.logits, cache, len(ctx) + len(q), s["max_new_tokens"], eos)
         compressed = len(ctx) + len(q)
     else:
         with press(model):
-            model(input_ids=torch.tensor([ctx]), past_key_values=cache)
+            model(input_ids=torch.tensor([ctx]), past_key_values=cache, logits_to_keep=1)
         out = model(
             input_ids=torch.tensor([q]),
             past_key_values=cache,
             position_ids=torch.arange(len(ctx), len(ctx) + len(q)).unsqueeze(0),
+            logits_to_keep=1,
         )
         new = greedy(model, out.logits, cache, len(ctx) + len(q), s["max_new_tokens"], eos)
         compressed = len(ctx)
