@@ -70,6 +70,15 @@ def _err(path, key, msg):
     return ParameterError(f"recipe {path}: key {key!r} {msg}")
 
 
+def is_mix_recipe(path) -> bool:
+    """Whether a recipe file is a mix recipe (a `mix` key) rather than a suites recipe."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and "mix" in data
+
+
 def load(path) -> AccuracyRecipe:
     path = Path(path)
     if not path.is_file():

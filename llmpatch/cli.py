@@ -268,8 +268,14 @@ def eval_cmd(
     recipe: Path = typer.Argument(..., help="recipe YAML (see recipes/)"),
     out: Path = typer.Option(None, "--out", help="output folder (default runs/<time>-<recipe>)"),
 ):
-    """Run a recipe: every suite on the dense baseline and every method; write tables, plots and JSON."""
+    """Run a recipe: every suite on the dense baseline and every method; write tables, plots and JSON. A mix
+    recipe (a `mix` key) runs as `llmpatch bench accuracy RECIPE`."""
     from rich.progress import Progress
+
+    from .evals.accuracy import is_mix_recipe
+
+    if is_mix_recipe(recipe):
+        return bench_accuracy_cmd(recipe, out=out, only=None, split=None, samples=None, report_only=False)
 
     from .evals.haystack import Haystack
     from .evals.recipes import check_methods, load_recipe

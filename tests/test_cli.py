@@ -123,3 +123,27 @@ def test_calibrate_retrieval_runs_without_the_eval_extra(smollm2, tmp_path):
     assert "plots skipped: matplotlib is not installed" in res.stdout + res.stderr
     assert json.loads(out.read_text())["methods"][0]["name"] == "retrieval_heads"
     assert not out.with_suffix(".png").exists()
+
+
+def test_bench_accuracy_runs_resumes_and_refuses_bad_input(smollm2, tmp_path):
+    recipe = tmp_path / "mix.yaml"
+    recipe.write_text(
+        "model: smollm2-135m\nmix: {split: dev, samples: 1, length: 300, families: [niah_number]}\n"
+        "methods:\n  - {label: snapkv-50, method: snapkv, params: {keep: 64, window: 32}, protocols: [A, B]}\n"
+    )
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app, ["eval", str(recipe), "--out", str(out)]
+    )  # a mix recipe runs as bench accuracy
+    assert result.exit_code == 0, result.output
+    assert {"dense.A.jsonl", "snapkv-50.A.jsonl", "snapkv-50.B.jsonl", "summary.md"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert "snapkv-50" in result.output
+    result = runner.invoke(app, ["bench", "accuracy", str(recipe), "--out", str(out), "--report-only"])
+    assert result.exit_code == 0 and "dense" in result.output
+    result = runner.invoke(app, ["bench", "accuracy", str(recipe), "--only", "bogus"])
+    assert result.exit_code == 2 and "--only: unknown label 'bogus'" in result.output
+    recipe.write_text("model: smollm2-135m\nmix: {split: train}\n")
+    result = runner.invoke(app, ["bench", "accuracy", str(recipe)])
+    assert result.exit_code == 2 and "mix.split" in result.output

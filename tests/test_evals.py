@@ -147,6 +147,14 @@ def test_malformed_recipes_name_the_key(tmp_path, text, match):
 def test_shipped_recipes_load():
     from pathlib import Path
 
+    from llmpatch.evals import accuracy
+
     for path in sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml")):
+        if accuracy.is_mix_recipe(path):  # `llmpatch bench accuracy` (or `llmpatch eval`) runs these
+            mix = accuracy.load(path)
+            assert mix.points[0].label == "dense" and len(mix.points) > 1
+            for point in mix.points[1:]:
+                assert point.plan is None or Path(point.plan).is_file(), point.plan
+            continue
         recipe = load_recipe(path)
         assert recipe.configs[0].label == "dense" and recipe.suites
