@@ -27,7 +27,7 @@ def test_keep_zero_is_streamingllm_with_the_same_tail(family):
 def test_pinning_every_dropped_token_gives_a_dense_decode_over_the_sparse_prefill(family):
     model = tiny_model(family)
     x = torch.tensor([PROMPT])
-    with llmpatch.patched(model, "snapkv", sink=2, window=6, keep=len(PROMPT), tail=4):
+    with llmpatch.patched(model, "snapkv", sink=2, window=6, keep=len(PROMPT), tail=4, observe=3):
         got = model.generate(x, **KW)
     # the twin: the same sparse prefill over a full cache, then every decode step dense
     with llmpatch.patched(model, "streamingllm", sink=2, window=6, tail=4, ring=False) as p:
@@ -48,7 +48,7 @@ def test_pins_are_the_observation_windows_top_tokens():
     spec = llmpatch.detect(model)
     x = torch.tensor([PROMPT])
     seen = {}
-    with llmpatch.patched(model, "snapkv", sink=2, window=6, keep=3, tail=4, pool=1) as p:
+    with llmpatch.patched(model, "snapkv", sink=2, window=6, keep=3, tail=4, observe=4, pool=1) as p:
         first = p.layers[0]
         select = first.select
 

@@ -2,19 +2,20 @@
 Looking for Before Generation"), on llmpatch's sparse-prefill sink + window ring cache (docs/METHODS.md §6).
 
 Every compressed KV head keeps the first `sink` tokens, the last `window` tokens (a ring, as `streamingllm`), and
-`keep` tokens of the prompt chosen by the prompt's last `tail` queries, the observation window (the question):
+`keep` tokens of the prompt chosen by the prompt's last `observe` queries, the observation window (the question):
 their attention probabilities over the prompt, summed over the window's rows and the KV group's query heads,
 smoothed by a max-pool of width `pool` (the paper's clustering), top-`keep` among the tokens the ring drops.
-The tail attends densely (`LayerDecision.tail`), so the selection reads the question's true attention; the rest
-of the prompt is prefilled with the sink + window pattern, so prefill attention is cut too. The cache holds
+The last `tail` queries attend densely (`LayerDecision.tail`; tail >= observe: the selection reads the question's
+true attention); the rest of the prompt is prefilled with the sink + window pattern, so prefill attention is cut
+too (a tail as long as the prompt is SnapKV's dense prefill). The cache holds
 sink + keep + window slots per KV head, whatever the prompt length.
 
-Defaults: sink 16, window 128, keep 192 (336 tokens: 67% KV saved at 1k), tail 64 (SnapKV's window size),
-pool 7 (the paper's kernel, max pooling).
+Defaults: sink 16, window 128, keep 192 (336 tokens: 67% KV saved at 1k), observe 64 (SnapKV's window size),
+tail 64, pool 7 (max pooling).
 Departures: SnapKV prefills densely; here only the tail does. The selection is per KV head (GQA: scores summed
 over the group, as kvpress does). Pinned tokens are read like sinks (the ring publishes them at position 0). Layers
 with the model's own sliding window keep their own bounded cache. Selection happens once per prompt: protocol B
-(the question after the context) selects with the context's last `tail` tokens.
+(the question after the context) selects with the context's last `observe` tokens.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ class SnapKV(ElasticSinkWindow):
     window: int = param(128, "an int >= 1 (recent tokens, the query included)", lambda v: v >= 1)
     keep: int = param(192, "an int >= 0 (prompt tokens kept per KV head by the observation window)",
                       lambda v: v >= 0)  # fmt: skip
-    tail: int = param(64, "an int >= 1 (the observation window: last prompt tokens, attending densely)",
+    observe: int = param(64, "an int >= 1 (the observation window: the last prompt tokens that score the rest)",
+                         lambda v: v >= 1)  # fmt: skip
+    tail: int = param(64, "an int >= 1 (last prompt tokens that attend densely; >= the prompt: a dense prefill)",
                       lambda v: v >= 1)  # fmt: skip
     pool: int = param(7, "an odd int >= 1 (max-pool width over the scores)", lambda v: v >= 1 and v % 2 == 1)
 
@@ -62,7 +65,7 @@ class SnapKV(ElasticSinkWindow):
             return
         b, h, n, d = q.shape
         hkv = k.shape[1]
-        t = min(self.tail, n)
+        t = min(self.observe, n)
         start = mask.row_start(b, q.device)
         q_pos, k_pos = rules.token_positions(b, t, n, start, mask.key_padding, q.device)
         logits = torch.matmul(
