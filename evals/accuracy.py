@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from llmpatch.errors import LlmpatchError, ParameterError
+from llmpatch.errors import ParameterError
 
 from .mix import FAMILIES, MixSample, make_sample, score
 
@@ -65,6 +65,10 @@ class AccuracyRecipe:
     dtype: str | None = None
     raw: dict = field(default_factory=dict)
 
+    @property
+    def configs(self) -> list[Point]:  # read by recipes.check_methods
+        return self.points
+
 
 def _err(path, key, msg):
     return ParameterError(f"recipe {path}: key {key!r} {msg}")
@@ -80,13 +84,10 @@ def is_mix_recipe(path) -> bool:
 
 
 def load(path) -> AccuracyRecipe:
+    from .recipes import read_yaml
+
     path = Path(path)
-    if not path.is_file():
-        raise ParameterError(f"recipe: file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ParameterError(f"recipe {path}: not valid YAML ({exc})") from None
+    data = read_yaml(path)
     if not isinstance(data, dict) or "model" not in data or "mix" not in data:
         raise ParameterError(f"recipe {path}: must be a YAML mapping with keys {sorted(RECIPE_KEYS)}")
     bad = sorted(set(data) - RECIPE_KEYS)
@@ -131,15 +132,6 @@ def load(path) -> AccuracyRecipe:
         points.append(Point(label, methods, params, plan, protocols))
     return AccuracyRecipe(str(path), data["model"], split, samples, length, families, points, data.get("dtype"),
                           data)  # fmt: skip
-
-
-def check_points(recipe: AccuracyRecipe, model) -> None:
-    """Apply and remove every method once before anything runs: a bad parameter fails in seconds."""
-    for p in recipe.points[1:]:
-        try:
-            p.apply(model).remove()
-        except LlmpatchError as exc:
-            raise ParameterError(f"recipe {recipe.path}: method {p.label!r}: {exc}") from None
 
 
 class _Counts:

@@ -100,34 +100,35 @@ def _number(rng) -> str:
     return str(rng.randint(1_000_000, 9_999_999))
 
 
-NUM_INTRO = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. "
-             "I will quiz you about the numbers afterwards.")  # fmt: skip
+def _intro(noun: str) -> str:
+    return (f"Some special magic {noun}s are hidden within the following text. Make sure to memorize them. "
+            f"I will quiz you about the {noun}s afterwards.")  # fmt: skip
+
+
+NUM_INTRO = _intro("number")
+
+
+def _single(noun: str, key: str, value: str, max_new: int):
+    """One needle of a kind (number, word, code), asked by its key."""
+    return (_intro(noun), [f"One of the special magic {noun}s for {key} is: {value}."],
+            f"What is the special magic {noun} for {key} mentioned in the provided text?", [value], max_new,
+            f"The special magic {noun} for {key} mentioned in the provided text is")  # fmt: skip
 
 
 def niah_number(rng):
-    key, value = _key(rng), _number(rng)
-    return (NUM_INTRO, [f"One of the special magic numbers for {key} is: {value}."],
-            f"What is the special magic number for {key} mentioned in the provided text?", [value], 16,
-            f"The special magic number for {key} mentioned in the provided text is")  # fmt: skip
+    key = _key(rng)
+    return _single("number", key, _number(rng), 16)
 
 
 def niah_word(rng):
-    key, value = _key(rng), rng.choice(WORDS)
-    intro = ("Some special magic words are hidden within the following text. Make sure to memorize them. "
-             "I will quiz you about the words afterwards.")  # fmt: skip
-    return (intro, [f"One of the special magic words for {key} is: {value}."],
-            f"What is the special magic word for {key} mentioned in the provided text?", [value], 12,
-            f"The special magic word for {key} mentioned in the provided text is")  # fmt: skip
+    key = _key(rng)
+    return _single("word", key, rng.choice(WORDS), 12)
 
 
 def niah_uuid(rng):
     key = _key(rng)
     value = "-".join("".join(rng.choice("0123456789abcdef") for _ in range(n)) for n in (8, 4, 6))
-    intro = ("Some special magic codes are hidden within the following text. Make sure to memorize them. "
-             "I will quiz you about the codes afterwards.")  # fmt: skip
-    return (intro, [f"One of the special magic codes for {key} is: {value}."],
-            f"What is the special magic code for {key} mentioned in the provided text?", [value], 32,
-            f"The special magic code for {key} mentioned in the provided text is")  # fmt: skip
+    return _single("code", key, value, 32)
 
 
 def multikey(rng):

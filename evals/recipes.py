@@ -71,14 +71,19 @@ def _int_list(path, key, value):
     return value
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    path = Path(path)
+def read_yaml(path: Path):
+    """A recipe file's YAML, or a clear error naming the file."""
     if not path.is_file():
         raise ParameterError(f"recipe: file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ParameterError(f"recipe {path}: not valid YAML ({exc})") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ParameterError(f"recipe {path}: must be a YAML mapping with keys {sorted(TOP_KEYS)}")
     unknown = sorted(set(data) - TOP_KEYS)

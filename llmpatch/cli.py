@@ -680,6 +680,7 @@ def bench_accuracy_cmd(
     from rich.progress import Progress
 
     from .evals import accuracy, haystacks
+    from .evals.recipes import check_methods
     from .meta import run_metadata
     from .models import load_model
 
@@ -698,7 +699,7 @@ def bench_accuracy_cmd(
                                  f"{', '.join(p.label for p in r.points)}")  # fmt: skip
         if not report_only:
             m, tok = load_model(r.model, dtype=r.dtype, progress=err.print)
-            accuracy.check_points(r, m)
+            check_methods(r, m)
             meta = run_metadata(recipe=r.raw, recipe_path=r.path, haystacks=haystacks.source_digest(),
                                 split=r.split, samples=r.samples)  # fmt: skip
             with Progress(console=err) as progress:

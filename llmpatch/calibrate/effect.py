@@ -15,30 +15,18 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from ..errors import ParameterError
-
-
-@torch.no_grad()
-def _loss(model, data) -> float:
-    total = 0.0
-    for prompt, answer in data:
-        ids = torch.cat([prompt, answer]).unsqueeze(0)
-        logits = model(ids, use_cache=False, logits_to_keep=len(answer) + 1).logits[0, :-1]
-        total += float(torch.nn.functional.cross_entropy(logits.float(), answer))
-    return total / len(data)
 
 
 def effect_scores(model, tokenizer, *, samples=4, length=1024, sink=32, recent=128, progress=None):
     """[layers][query heads]: answer-loss increase when the head's KV head alone is cut to sink + recent."""
     import llmpatch
 
-    from .moa import dense_answers, prompts
+    from .moa import answer_loss, dense_answers, prompts
 
     spec = llmpatch.detect(model)
     data = dense_answers(model, tokenizer, prompts(tokenizer, length, samples, seed=7, data="mix"))
-    base = _loss(model, data)
+    base = answer_loss(model, data, None)
     g = spec.num_heads // spec.num_kv_heads
     every = [(li, h) for li in range(spec.num_layers) for h in range(spec.num_heads)]
     scores = [[0.0] * spec.num_heads for _ in range(spec.num_layers)]
@@ -48,7 +36,7 @@ def effect_scores(model, tokenizer, *, samples=4, length=1024, sink=32, recent=1
         for kv in range(spec.num_kv_heads):
             keep = [[a, h] for a, h in every if not (a == li and h // g == kv)]
             with llmpatch.patched(model, "retrieval_kv", heads=keep, sink=sink, recent=recent):
-                delta = _loss(model, data) - base
+                delta = answer_loss(model, data, None) - base
             for h in range(kv * g, (kv + 1) * g):
                 scores[li][h] = delta
             if progress:

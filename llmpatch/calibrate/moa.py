@@ -323,6 +323,7 @@ def plan_params(choice: list[int], configs, units, spec) -> dict:
 
 
 @torch.inference_mode()
+@torch.no_grad()
 def answer_loss(model, samples, params: dict | None) -> float:
     """Mean cross-entropy of the dense model's answers, with the plan applied (None: dense)."""
     import llmpatch
