@@ -108,7 +108,7 @@ def accuracy_vs_kv(rows: list[dict], path: Path, title: str = "") -> Path | None
         print(SKIPPED)
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     dense = [r for r in rows if r["label"] == "dense"]
     if dense:
         ax.axhline(dense[0]["accuracy"], color="black", lw=1, label=f"dense {dense[0]['accuracy']:.2f}")
@@ -124,12 +124,12 @@ def accuracy_vs_kv(rows: list[dict], path: Path, title: str = "") -> Path | None
         err = [[r["accuracy"] - r["ci95"][0] for r in rs], [r["ci95"][1] - r["accuracy"] for r in rs]]
         marker = "o" if toolkit == "llmpatch" else "s"
         ax.errorbar(x, y, yerr=err, marker=marker, ls="-" if proto == "A" else "--", capsize=3,
-                    label=f"{'' if toolkit == 'llmpatch' else toolkit + ' '}{family} ({proto})")  # fmt: skip
+                    label=f"{toolkit} {family.removeprefix(toolkit + '-')} ({proto})")  # fmt: skip
     ax.set_xlabel("KV cache saved (%)")
     ax.set_ylabel("accuracy (test split)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title or "accuracy vs KV saved")
-    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
