@@ -84,7 +84,7 @@ def is_mix_recipe(path) -> bool:
 
 
 def load(path) -> AccuracyRecipe:
-    from .recipes import read_yaml
+    from .recipes import method_entry, read_yaml
 
     path = Path(path)
     data = read_yaml(path)
@@ -108,27 +108,10 @@ def load(path) -> AccuracyRecipe:
         raise _err(path, "mix.families", f"must list families from {', '.join(FAMILIES)}, got {families!r}")
     points = [Point("dense", None)]
     for i, entry in enumerate(data.get("methods") or []):
-        where = f"methods[{i}]"
-        if not isinstance(entry, dict) or "method" not in entry:
-            raise _err(path, where, "must be a mapping with at least 'method'")
-        bad = sorted(set(entry) - METHOD_KEYS)
-        if bad:
-            raise _err(path, f"{where}.{bad[0]}", f"is not a key; allowed: {', '.join(sorted(METHOD_KEYS))}")
-        methods = entry["method"] if isinstance(entry["method"], list) else [entry["method"]]
-        label = str(entry.get("label") or "+".join(methods))
-        if label in {p.label for p in points}:
-            raise _err(
-                path, f"{where}.label", f"{label!r} is taken (labels are unique; 'dense' is the baseline)"
-            )
+        label, methods, params, plan = method_entry(path, i, entry, METHOD_KEYS, {p.label for p in points})
         protocols = tuple(entry.get("protocols") or ["A"])
         if any(p not in PROTOCOLS for p in protocols):
-            raise _err(path, f"{where}.protocols", f"must list A and/or B, got {list(protocols)!r}")
-        plan = entry.get("plan")
-        if plan is not None and not Path(plan).is_absolute() and (path.parent / plan).is_file():
-            plan = str(path.parent / plan)
-        params = entry.get("params") or {}
-        if not isinstance(params, dict):
-            raise _err(path, f"{where}.params", f"must be a mapping, got {params!r}")
+            raise _err(path, f"methods[{i}].protocols", f"must list A and/or B, got {list(protocols)!r}")
         points.append(Point(label, methods, params, plan, protocols))
     return AccuracyRecipe(str(path), data["model"], split, samples, length, families, points, data.get("dtype"),
                           data)  # fmt: skip

@@ -133,28 +133,7 @@ def load_recipe(path: str | Path) -> Recipe:
 
     configs = [MethodConfig(BASELINE)]
     for i, entry in enumerate(data.get("methods") or []):
-        where = f"methods[{i}]"
-        if not isinstance(entry, dict) or "method" not in entry:
-            raise _err(path, where, "must be a mapping with at least 'method'")
-        bad = sorted(set(entry) - METHOD_KEYS)
-        if bad:
-            raise _err(
-                path, f"{where}.{bad[0]}", f"is not a method key; allowed: {', '.join(sorted(METHOD_KEYS))}"
-            )
-        methods = entry["method"] if isinstance(entry["method"], list) else [entry["method"]]
-        params = entry.get("params") or {}
-        if not isinstance(params, dict):
-            raise _err(path, f"{where}.params", f"must be a mapping, got {params!r}")
-        label = str(entry.get("label") or "+".join(methods))
-        if label == BASELINE or label in {c.label for c in configs}:
-            raise _err(
-                path,
-                f"{where}.label",
-                f"{label!r} is taken (labels are unique; {BASELINE!r} is the baseline)",
-            )
-        plan = entry.get("plan")
-        if plan is not None and not Path(plan).is_absolute() and (Path(path).parent / plan).is_file():
-            plan = str(Path(path).parent / plan)  # relative to the recipe, else to the working directory
+        label, methods, params, plan = method_entry(path, i, entry, METHOD_KEYS, {c.label for c in configs})
         configs.append(MethodConfig(label, methods, params, plan))
     return Recipe(
         path=str(path),
@@ -170,6 +149,30 @@ def load_recipe(path: str | Path) -> Recipe:
         answer_logprob=data.get("answer_logprob", True),
         raw=data,
     )
+
+
+def method_entry(path: Path, i: int, entry, allowed: set, taken: set) -> tuple[str, list, dict, str | None]:
+    """One `methods[i]` entry of a recipe (either kind): (label, methods, params, plan), checked; a plan path is
+    relative to the recipe if that file exists there, else to the working directory."""
+    where = f"methods[{i}]"
+    if not isinstance(entry, dict) or "method" not in entry:
+        raise _err(path, where, "must be a mapping with at least 'method'")
+    bad = sorted(set(entry) - allowed)
+    if bad:
+        raise _err(path, f"{where}.{bad[0]}", f"is not a method key; allowed: {', '.join(sorted(allowed))}")
+    methods = entry["method"] if isinstance(entry["method"], list) else [entry["method"]]
+    params = entry.get("params") or {}
+    if not isinstance(params, dict):
+        raise _err(path, f"{where}.params", f"must be a mapping, got {params!r}")
+    label = str(entry.get("label") or "+".join(methods))
+    if label == BASELINE or label in taken:
+        raise _err(
+            path, f"{where}.label", f"{label!r} is taken (labels are unique; {BASELINE!r} is the baseline)"
+        )
+    plan = entry.get("plan")
+    if plan is not None and not Path(plan).is_absolute() and (Path(path).parent / plan).is_file():
+        plan = str(Path(path).parent / plan)
+    return label, methods, params, plan
 
 
 def check_methods(recipe: Recipe, model) -> None:

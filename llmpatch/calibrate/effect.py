@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 
 from ..errors import ParameterError
+from ..methods.shared import SCORES
 
 
 def effect_scores(model, tokenizer, *, samples=4, length=1024, sink=32, recent=128, progress=None):
@@ -70,7 +71,7 @@ def calibrate(model, tokenizer, plan_params: dict, *, top_k: int, samples=4, dev
               "effect_scores": effect}  # fmt: skip
     accuracy = {}
     for score in ("effect", "mass", "copy"):
-        if tables[{"effect": "effect_scores", "mass": "mass_scores", "copy": "scores"}[score]] is None:
+        if tables[SCORES[score]] is None:
             continue
         params = {**tables, "score": score, "top_k": top_k, "sink": sink, "recent": recent}
         accuracy[score] = dev_accuracy(
