@@ -128,19 +128,19 @@ def split_passages(split: str, source: str | None = None) -> list[Passage]:
 
 def haystack_sentences(split: str, source: str, rng, n: int) -> tuple[list[str], list[str]]:
     """About `n` sentences of whole passages of `split` from `source`, in an order drawn from `rng`; returns
-    (sentences, the passage keys used)."""
+    (sentences, the key of the passage each sentence comes from)."""
     pool = split_passages(split, source)
     if not pool:
         raise ParameterError(f"haystack: source {source!r} has no {split} passages on this Python")
     order = rng.sample(pool, len(pool))
-    sentences, used = [], []
+    sentences, owners = [], []
     while len(sentences) < n:
         for p in order:
             sentences.extend(p.sentences)
-            used.append(p.key)
+            owners.extend([p.key] * len(p.sentences))
             if len(sentences) >= n:
                 break
-    return sentences, used
+    return sentences, owners
 
 
 def source_digest() -> dict:

@@ -259,7 +259,7 @@ def make_sample(tokenizer, split: str, index: int, length: int, families=None) -
     source = rng.choice(SOURCES)
     intro, needles, question, answers, max_new, prefix = FAMILIES[family](rng)
     depths = sorted(rng.uniform(0.05, 0.95) for _ in needles)
-    pool, used = haystack_sentences(split, source, rng, max(64, length // 12))
+    pool, owners = haystack_sentences(split, source, rng, max(64, length // 12))
     lens = [len(ids) + 1 for ids in tokenizer(pool, add_special_tokens=False).input_ids]
 
     def build(n):
@@ -287,23 +287,9 @@ def make_sample(tokenizer, split: str, index: int, length: int, families=None) -
         c, q = tokens(mid)
         lo, hi = (mid, hi) if len(c) + len(q) <= length else (lo, mid - 1)
     ctx, q = build(lo)
-    cids, qids = tokens(lo)
-    keys = _passages_in(pool[:lo], used, split, source)
+    cids, qids = (tokenizer(t, add_special_tokens=False).input_ids for t in (ctx, q))
+    keys = list(dict.fromkeys(owners[:lo]))  # the passages the prompt holds sentences of
     return MixSample(family, split, index, seed, length, source, keys, ctx, q, answers, max_new, cids, qids)
-
-
-def _passages_in(sentences, used, split, source) -> list[str]:
-    """The passage keys whose sentences the prompt holds."""
-    from .haystacks import split_passages
-
-    by_key = {p.key: p for p in split_passages(split, source)}
-    out, n = [], 0
-    for key in used:
-        if n >= len(sentences):
-            break
-        out.append(key)
-        n += len(by_key[key].sentences)
-    return list(dict.fromkeys(out))
 
 
 def make_samples(
