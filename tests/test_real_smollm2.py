@@ -56,6 +56,31 @@ def test_window_covering_the_prompt_gives_identical_logits(smollm2, passkey):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "method,params",
+    [("streamingllm", {"window": 64, "tail": 4096}), ("moa", None), ("snapkv", {"window": 4096, "keep": 64})],
+)
+def test_dense_tail_and_snapkv_configured_dense_give_identical_logits_and_answer(
+    smollm2, passkey, method, params
+):
+    """A tail covering the prompt gives the dense prompt logits (decoding then reads the cut cache, so the answer may
+    change); a snapkv window covering the prompt is the dense model, answer included."""
+    model, tok = smollm2
+    sample, enc = passkey
+    if params is None:  # a narrow moa plan whose tail covers the prompt
+        spec = llmpatch.detect(model)
+        params = {"alphas": [[0.0] * spec.num_heads] * spec.num_layers,
+                  "betas": [[0.1] * spec.num_heads] * spec.num_layers, "tail": 4096}  # fmt: skip
+    with torch.no_grad():
+        want = model(**enc).logits
+        with llmpatch.patched(model, method, **params):
+            got = model(**enc).logits
+            text = answer(model, tok, enc) if method == "snapkv" else None
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    if method == "snapkv":
+        assert PASSKEY.score(sample, text) == 1.0
+
+
 def test_window_of_64_changes_the_answer(smollm2, passkey):
     model, tok = smollm2
     sample, enc = passkey
