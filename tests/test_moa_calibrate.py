@@ -27,10 +27,12 @@ def explicit(q, k, v, scale, softcap, sw):
     return a @ v, a
 
 
+@pytest.mark.parametrize("rows", [256, 64])  # one chunk; several, with keys cut at a sliding window
 @pytest.mark.parametrize("softcap,sw", [(None, None), (5.0, 70)])
-def test_influence_and_gradients_match_autograd(softcap, sw):
+def test_influence_and_gradients_match_autograd(softcap, sw, rows, monkeypatch):
+    monkeypatch.setattr(cal, "ROWS", rows)
     torch.manual_seed(0)
-    n, h, hkv, d = 150, 4, 2, 8
+    n, h, hkv, d = 150 if rows == 256 else 300, 4, 2, 8
     q, k, v = (torch.randn(1, x, n, d, dtype=torch.float64, requires_grad=True) for x in (h, hkv, hkv))
     w = torch.randn(1, h, n, d, dtype=torch.float64)
     out, a = explicit(q, k, v, 0.3, softcap, sw)

@@ -3,8 +3,8 @@
 1. Data: long prompts built offline (a RULER-style needle question, and a one-sentence summary of haystack
    text, alternating), each answered greedily by the dense model itself (up to ANSWER_TOKENS tokens). The
    evaluation suites (passkey, niah) are not used for calibration.
-2. Profiling: loss = cross-entropy of those answers. A custom autograd attention (one KV group at a time, N x N
-   only at profiling lengths) gives A and dL/dA per head, and E_ij = -A_ij (dL/dA_ij - sum_k A_ik dL/dA_ik) /
+2. Profiling: loss = cross-entropy of those answers. A custom autograd attention (one KV group and 256 query rows at a
+   time, causal keys only: ROWS x N temporaries, never N x N) gives A and dL/dA per head, and E_ij = -A_ij (dL/dA_ij - sum_k A_ik dL/dA_ik) /
    (1 - A_ij), which is -dS_ij / (1 - A_ij) with dS the softmax backward. |E| is summed over 64 x 64 blocks
    (per block diagonal: a sink + window config keeps or drops whole diagonals) and averaged over samples.
 3. Configs: (alpha, beta) with alpha in s x {-2048, -1024, ..., 8192}, beta in {0, 1/8, ..., 1}, keeping pairs with
@@ -114,66 +114,97 @@ def dense_answers(model, tokenizer, texts: list[str]) -> list[tuple[torch.Tensor
 # --- gradient profiling ----------------------------------------------------------------------------------------
 
 
-def _probs(q, k, scale, softcap, sliding_window):
-    """Probabilities [B, G, N, N] (fp32) and the pre-softcap scores (for the backward)."""
+ROWS = 256  # query rows per profiling chunk (a multiple of BLOCK): temporaries are ROWS x N, never N x N
+
+
+def _probs(q, k, scale, softcap, sliding_window, rows=None, keys=None):
+    """Probabilities [B, G, R, K] (fp32) of query rows `rows` over key positions `keys`, and the pre-softcap
+    scores (for the backward)."""
     s0 = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     s = torch.tanh(s0 / softcap) * softcap if softcap is not None else s0
-    n = q.shape[-2]
-    i = torch.arange(n, device=q.device)
-    allowed = rules.visible(i[:, None], i[None, :], sliding_window)
+    rows = torch.arange(q.shape[-2], device=q.device) if rows is None else rows
+    keys = torch.arange(k.shape[-2], device=q.device) if keys is None else keys
+    allowed = rules.visible(rows[:, None], keys[None, :], sliding_window)
     return torch.softmax(s.masked_fill(~allowed, float("-inf")), -1), s0
+
+
+def block_diagonals(e: torch.Tensor, qb0: int, kb0: int, nb: int) -> torch.Tensor:
+    """|E| [G, R, K] for query blocks from qb0 and key blocks from kb0 -> per head, the sum over its 64 x 64
+    blocks on each block diagonal d = query block - key block, [G, nb] (key block 0, the sink, excluded)."""
+    g, r, c = e.shape
+    rb, cb = math.ceil(r / BLOCK), math.ceil(c / BLOCK)
+    e = torch.nn.functional.pad(e, (0, cb * BLOCK - c, 0, rb * BLOCK - r))
+    blocks = e.view(g, rb, BLOCK, cb, BLOCK).sum((2, 4))
+    qb = torch.arange(qb0, qb0 + rb, device=e.device)[:, None]
+    kb = torch.arange(kb0, kb0 + cb, device=e.device)[None, :]
+    d = (qb - kb).expand(rb, cb)
+    keep = (d >= 0) & (kb >= 1)
+    out = torch.zeros(g, nb, dtype=e.dtype, device=e.device)
+    return out.index_add_(1, d[keep], blocks[:, keep])
 
 
 def diagonal_sums(e: torch.Tensor) -> torch.Tensor:
     """|E| [G, N, N] -> per head, the sum over 64 x 64 blocks on each block diagonal d (sink block excluded)."""
-    g, n, _ = e.shape
-    nb = math.ceil(n / BLOCK)
-    e = torch.nn.functional.pad(e, (0, nb * BLOCK - n, 0, nb * BLOCK - n))
-    blocks = e.view(g, nb, BLOCK, nb, BLOCK).sum((2, 4))
-    # the diagonal at offset -d holds blocks (d + i, i); key block 0 is the sink, always kept
-    return torch.stack([torch.diagonal(blocks, -d, 1, 2)[:, 1:].sum(-1) for d in range(nb)], -1)
+    return block_diagonals(e, 0, 0, math.ceil(e.shape[-1] / BLOCK))
+
+
+def _chunks(n: int, sliding_window):
+    """(query rows, key range) per chunk: causal, so keys stop at the chunk's last row, and start at the block
+    holding the first key the chunk's first row sees."""
+    for r0 in range(0, n, ROWS):
+        r1 = min(n, r0 + ROWS)
+        k0 = 0 if sliding_window is None else max(0, r0 - sliding_window + 1) // BLOCK * BLOCK
+        yield slice(r0, r1), slice(k0, r1)
 
 
 class _Profiled(torch.autograd.Function):
-    """Exact attention whose backward also accumulates MoA's influence |E| per head and block diagonal."""
+    """Exact attention whose backward also accumulates MoA's influence |E| per head and block diagonal, one KV
+    group and ROWS query rows at a time."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale, softcap, sliding_window, sink):
         ctx.save_for_backward(q, k, v)
         ctx.args = (scale, softcap, sliding_window, sink)
         g = q.shape[1] // k.shape[1]
+        pos = torch.arange(q.shape[-2], device=q.device)
         out = torch.empty_like(q)
         for kv in range(k.shape[1]):
-            p, _ = _probs(q[:, kv * g : (kv + 1) * g], k[:, kv : kv + 1], scale, softcap, sliding_window)
-            out[:, kv * g : (kv + 1) * g] = torch.matmul(p, v[:, kv : kv + 1].float()).to(q.dtype)
+            sl = slice(kv * g, (kv + 1) * g)
+            for r, c in _chunks(q.shape[-2], sliding_window):
+                p, _ = _probs(
+                    q[:, sl, r], k[:, kv : kv + 1, c], scale, softcap, sliding_window, pos[r], pos[c]
+                )
+                out[:, sl, r] = torch.matmul(p, v[:, kv : kv + 1, c].float()).to(q.dtype)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v = ctx.saved_tensors
         scale, softcap, sliding_window, sink = ctx.args
-        g = q.shape[1] // k.shape[1]
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        n, g = q.shape[-2], q.shape[1] // k.shape[1]
+        nb = math.ceil(n / BLOCK)
+        pos = torch.arange(n, device=q.device)
+        dq = torch.zeros_like(q)
+        dk, dv = torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32)
         for kv in range(k.shape[1]):
             sl = slice(kv * g, (kv + 1) * g)
-            qs, ks, vs, do = (
-                q[:, sl].float(),
-                k[:, kv : kv + 1].float(),
-                v[:, kv : kv + 1].float(),
-                dout[:, sl].float(),
-            )
-            p, s0 = _probs(qs, ks, scale, softcap, sliding_window)
-            da = torch.matmul(do, vs.transpose(-1, -2))
-            ds = p * (da - (p * da).sum(-1, keepdim=True))
-            one_minus = 1 - p
-            e = torch.where(one_minus > 1e-6, ds.abs() / one_minus.clamp(min=1e-6), 0.0)
-            sink(sl, diagonal_sums(e.sum(0)))  # batch 1 (or summed over the batch)
-            if softcap is not None:
-                ds = ds * (1 - torch.tanh(s0 / softcap) ** 2)
-            dq[:, sl] = (torch.matmul(ds, ks) * scale).to(q.dtype)
-            dk[:, kv] = (torch.matmul(ds.transpose(-1, -2), qs) * scale).sum(1).to(k.dtype)
-            dv[:, kv] = torch.matmul(p.transpose(-1, -2), do).sum(1).to(v.dtype)
-        return dq, dk, dv, None, None, None, None
+            ks, vs = k[:, kv : kv + 1].float(), v[:, kv : kv + 1].float()
+            diag = torch.zeros(g, nb, dtype=torch.float32, device=q.device)
+            for r, c in _chunks(n, sliding_window):
+                qs, do = q[:, sl, r].float(), dout[:, sl, r].float()
+                p, s0 = _probs(qs, ks[:, :, c], scale, softcap, sliding_window, pos[r], pos[c])
+                da = torch.matmul(do, vs[:, :, c].transpose(-1, -2))
+                ds = p * (da - (p * da).sum(-1, keepdim=True))
+                one_minus = 1 - p
+                e = torch.where(one_minus > 1e-6, ds.abs() / one_minus.clamp(min=1e-6), 0.0)
+                diag += block_diagonals(e.sum(0), r.start // BLOCK, c.start // BLOCK, nb)  # batch summed
+                if softcap is not None:
+                    ds = ds * (1 - torch.tanh(s0 / softcap) ** 2)
+                dq[:, sl, r] = (torch.matmul(ds, ks[:, :, c]) * scale).to(q.dtype)
+                dk[:, kv, c] += (torch.matmul(ds.transpose(-1, -2), qs) * scale).sum(1)
+                dv[:, kv, c] += torch.matmul(p.transpose(-1, -2), do).sum(1)
+            sink(sl, diag)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def profile(model, samples, *, progress=None) -> torch.Tensor:
