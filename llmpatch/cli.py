@@ -394,7 +394,9 @@ def calibrate_retrieval_effect_cmd(
     plan: Path = typer.Option(
         ..., "--plan", help="the retrieval plan to extend (llmpatch calibrate retrieval)"
     ),
-    top_k: int = typer.Option(..., "--top-k", min=1, help="retrieval_kv's top_k for the ranking choice"),
+    kv_heads: int = typer.Option(
+        ..., "--kv-heads", min=1, help="full KV heads at which the rankings are compared"
+    ),
     samples: int = typer.Option(4, "--samples", min=1, help="dev prompts for the effect of each KV head"),
     dev_samples: int = typer.Option(
         20, "--dev-samples", min=1, help="dev samples per ranking for the choice"
@@ -423,15 +425,15 @@ def calibrate_retrieval_effect_cmd(
         source.check_model(spec)
         entry = source.params_for("retrieval_heads")
         fams = None if families is None else [f.strip() for f in families.split(",") if f.strip()]
-        res = effect.calibrate(m, tok, entry, top_k=top_k, samples=samples, dev_samples=dev_samples,
+        res = effect.calibrate(m, tok, entry, kv_heads=kv_heads, samples=samples, dev_samples=dev_samples,
                                length=length, sink=sink, recent=recent, families=fams, progress=show)  # fmt: skip
         Plan(spec.fingerprint(), [{"name": "retrieval_heads", "params": res["params"]}],
              provenance(source_plan=source.provenance, **res["provenance"])).save(out)  # fmt: skip
     except LlmpatchError as exc:
         _fail(str(exc))
     choice = res["provenance"]["ranking_choice"]
-    console.print(f"dev accuracy at top_k {top_k}: " + ", ".join(f"{k} {v:.3f}" for k, v in
-                  choice["dev_accuracy"].items()) + f"; chosen: {choice['chosen']}", highlight=False)  # fmt: skip
+    console.print(f"dev accuracy at {kv_heads} full KV heads: " + ", ".join(f"{k} {v:.3f} (top_k {choice['top_k'][k]})"
+                  for k, v in choice["dev_accuracy"].items()) + f"; chosen: {choice['chosen']}", highlight=False)  # fmt: skip
     console.print(f"wrote {out} ({choice['total_s']:.0f} s)", highlight=False)
 
 

@@ -20,7 +20,7 @@ def test_effect_scores_cover_the_compressed_layers_and_choose_a_ranking():
     spec = llmpatch.detect(model)
     g = spec.num_heads // spec.num_kv_heads
     scores = [[float(h) for h in range(spec.num_heads)] for _ in range(spec.num_layers)]
-    res = effect.calibrate(model, DecodingTok(), {"scores": scores}, top_k=2, samples=1, dev_samples=2,
+    res = effect.calibrate(model, DecodingTok(), {"scores": scores}, kv_heads=2, samples=1, dev_samples=2,
                            length=256, sink=4, recent=8)  # fmt: skip
     eff = res["params"]["effect_scores"]
     assert len(eff) == spec.num_layers and all(len(r) == spec.num_heads for r in eff)
@@ -32,10 +32,17 @@ def test_effect_scores_cover_the_compressed_layers_and_choose_a_ranking():
     assert any(v != 0 for r in eff for v in r)
     choice = res["provenance"]["ranking_choice"]
     assert set(choice["dev_accuracy"]) == {"effect", "copy"} and res["params"]["score"] == choice["chosen"]
-    with llmpatch.patched(model, "retrieval_kv", **res["params"], top_k=2, sink=4, recent=8):
+    assert res["params"]["top_k"] == choice["top_k"][choice["chosen"]]
+    for score, k in choice["top_k"].items():  # equal memory: every ranking keeps 2 full KV heads
+        table = res["params"][{"effect": "effect_scores", "copy": "scores"}[score]]
+        groups = {(li, h // g) for li, h in effect.ranked_heads(table)[:k] if spec.sliding_window[li] is None}
+        assert len(groups) == 2
+    with llmpatch.patched(model, "retrieval_kv", **res["params"], sink=4, recent=8):
         model(torch.tensor([[5] * 40]))
     with pytest.raises(ParameterError, match="plan"):
-        effect.calibrate(model, DecodingTok(), {}, top_k=2)
+        effect.calibrate(model, DecodingTok(), {}, kv_heads=2)
+    with pytest.raises(ParameterError, match="kv_heads"):
+        effect.top_k_for(scores, spec, 10**6)
 
 
 def test_score_effect_needs_the_table():

@@ -6,9 +6,11 @@ and every other head keeps everything, minus the dense loss. A large increase ma
 cache. Prompts are the held-out mix's dev split, answered greedily by the dense model (the test split is never
 read). A KV head's effect is given to each of its query heads (retrieval_kv keeps whole KV groups).
 
-Then the rankings the plan holds (copy, mass, effect) are compared by dev accuracy: retrieval_kv at `top_k` on
-`dev_samples` mix samples under the question-aware protocol, and the plan's default `score` becomes the best
-(ties: effect, then mass, then copy). The plan's provenance keeps every figure and the cost.
+Then the rankings the plan holds (copy, mass, effect) are compared by dev accuracy at equal memory: each keeps
+`kv_heads` full KV heads (its `top_k` is the fewest query heads that span them; the effect ranking gives a whole
+group one figure, so at equal top_k it would keep fewer), on `dev_samples` mix samples under the question-aware
+protocol. The plan's default `score` and `top_k` become the best ranking's (ties: effect, then mass, then copy).
+The plan's provenance keeps every figure and the cost.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import time
 
 from ..errors import ParameterError
-from ..methods.shared import SCORES
+from ..methods.shared import SCORES, ranked_heads
 
 
 def effect_scores(model, tokenizer, *, samples=4, length=1024, sink=32, recent=128, progress=None):
@@ -56,7 +58,22 @@ def dev_accuracy(model, tokenizer, params: dict, *, samples: int, length: int, f
         return sum(run_sample(model, tokenizer, s, "A")["score"] for s in dev) / len(dev)
 
 
-def calibrate(model, tokenizer, plan_params: dict, *, top_k: int, samples=4, dev_samples=20, length=1024,
+def top_k_for(table, spec, kv_heads: int) -> int:
+    """The fewest best-ranked query heads whose KV groups number `kv_heads` (layers with the model's own sliding
+    window do not count: retrieval_kv leaves them dense)."""
+    g = spec.num_heads // spec.num_kv_heads
+    groups = set()
+    for k, (li, h) in enumerate(ranked_heads(table), 1):
+        if spec.sliding_window[li] is None:
+            groups.add((li, h // g))
+            if len(groups) == kv_heads:
+                return k
+    raise ParameterError(
+        f"kv_heads: must be at most {len(groups)} (the KV heads retrieval_kv compresses), got {kv_heads}"
+    )
+
+
+def calibrate(model, tokenizer, plan_params: dict, *, kv_heads: int, samples=4, dev_samples=20, length=1024,
               sink=32, recent=128, families=None, progress=None) -> dict:  # fmt: skip
     """Effect scores added to a retrieval plan's tables, and the ranking chosen by dev accuracy."""
     if "scores" not in plan_params:
@@ -69,20 +86,24 @@ def calibrate(model, tokenizer, plan_params: dict, *, top_k: int, samples=4, dev
     profile_s = time.perf_counter() - t0
     tables = {"scores": plan_params["scores"], "mass_scores": plan_params.get("mass_scores"),
               "effect_scores": effect}  # fmt: skip
-    accuracy = {}
+    import llmpatch
+
+    spec = llmpatch.detect(model)
+    accuracy, top_ks = {}, {}
     for score in ("effect", "mass", "copy"):
         if tables[SCORES[score]] is None:
             continue
-        params = {**tables, "score": score, "top_k": top_k, "sink": sink, "recent": recent}
+        top_ks[score] = top_k_for(tables[SCORES[score]], spec, kv_heads)
+        params = {**tables, "score": score, "top_k": top_ks[score], "sink": sink, "recent": recent}
         accuracy[score] = dev_accuracy(
             model, tokenizer, params, samples=dev_samples, length=length, families=families
         )
         if progress:
             progress({"ranking": score, "dev_accuracy": accuracy[score]})
     best = max(accuracy, key=lambda k: accuracy[k])  # dict order breaks ties: effect, mass, copy
-    return {"params": {**{k: v for k, v in tables.items() if v is not None}, "score": best},
+    return {"params": {**{k: v for k, v in tables.items() if v is not None}, "score": best, "top_k": top_ks[best]},
             "provenance": {"effect": {"data": "the mix's dev split, answers by the dense model", "samples": samples,
                                       "length": length, "sink": sink, "recent": recent, "dense_loss": base,
                                       "seconds": profile_s},
-                           "ranking_choice": {"top_k": top_k, "dev_samples": dev_samples, "families": families, "dev_accuracy": accuracy,
+                           "ranking_choice": {"kv_heads": kv_heads, "top_k": top_ks, "dev_samples": dev_samples, "families": families, "dev_accuracy": accuracy,
                                               "chosen": best, "total_s": time.perf_counter() - t0}}}  # fmt: skip
