@@ -139,3 +139,23 @@ def test_ties_go_to_the_elastic_config():
     assert configs[cal._most_elastic([fixed], configs, losses, units)[0]] == (0.0, 1.0)
     local = configs.index((0.0, 0.125))  # nothing else has its densities: it stays
     assert cal._most_elastic([local], configs, losses, units) == [local]
+
+
+def test_sliding_layers_count_in_the_budget():
+    """Gemma-3: the sliding-window layers are not searched, but their heads count at their window's density, so
+    the whole model meets the budget and the global layers get what the sliding ones leave."""
+    from llmpatch.methods.moa import density_at
+
+    model = tiny_model("gemma3_text", max_position_embeddings=1024, sliding_window=64)
+    spec = llmpatch.detect(model)
+    searched = [li for li in range(spec.num_layers) if spec.sliding_window[li] is None]
+    assert 0 < len(searched) < spec.num_layers
+    res = cal.search(model, Tok(), density=0.4, lengths=[512], samples=1)
+    p = res["params"]
+    whole = res["candidates"][0]["density"][512]
+    assert whole <= 0.4 + 1e-9
+    assert whole == pytest.approx(cal._plan_density(p, spec, 512))
+    inner = density_at([p["alphas"][i] for i in searched], [p["betas"][i] for i in searched], 512)
+    assert inner > 0.4  # the sliding heads (64 / 512) leave the global layers more than the budget
+    assert cal._fixed(spec, 512) == (spec.num_heads * (spec.num_layers - len(searched)),
+                                     spec.num_heads * (spec.num_layers - len(searched)) * 64 / 512)  # fmt: skip

@@ -19,7 +19,9 @@
    query heads (the cache then keeps each group's union). Objectives: each length alone and their normalised
    sum give the Pareto candidates; the validation length picks the one with the lowest answer loss, measured
    with the plan applied.
-Layers with the model's own sliding window are not searched (dense in the plan; their cache is bounded).
+Layers with the model's own sliding window are not searched (dense in the plan; their cache is bounded), but
+their heads count in the budget at their window's density (min(window, n) / n), so a budget is the whole
+model's: on Gemma-3 (5 of 6 layers sliding at 512) the global layers get what the sliding ones leave.
 Departure: each sample's influence is normalised to sum 1 before averaging. The first-order influence scales
 with the answer's loss, so without it the summaries (answer loss ~1) outweigh the retrieval prompts, which the
 dense model answers confidently (loss ~0.05), about 10 to 1 (measured on SmolLM2).
@@ -279,9 +281,10 @@ def config_losses(diag: torch.Tensor, configs, n: int) -> np.ndarray:
 
 
 def solve(losses: dict, configs, units: list[tuple[int, list[int]]], budget: float, weights: dict,
-          max_per_layer: int = 2, time_limit: float = 60.0) -> list[int]:  # fmt: skip
+          max_per_layer: int = 2, time_limit: float = 60.0, fixed: dict | None = None) -> list[int]:  # fmt: skip
     """One config index per unit (layer, heads), minimising sum_n weights[n] * loss_n under the density budget
-    at every n and at most `max_per_layer` distinct configs per layer."""
+    at every n and at most `max_per_layer` distinct configs per layer. `fixed[n]` = (heads, summed density) of
+    heads outside the search that count in the budget (sliding-window layers)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import lil_matrix
 
@@ -308,10 +311,11 @@ def solve(losses: dict, configs, units: list[tuple[int, list[int]]], budget: flo
         lo.append(0), hi.append(max_per_layer)
         r += 1
     total_heads = sum(len(h) for _, h in units)
-    for n in losses:  # mean density over heads <= budget
+    for n in losses:  # mean density over heads (searched and fixed) <= budget
+        heads, used = (fixed or {}).get(n, (0, 0.0))
         dens = np.array([density(c, n) for c in configs])
         rows[r, :nx] = np.concatenate([len(h) * dens for _, h in units])
-        lo.append(0), hi.append(budget * total_heads)
+        lo.append(0), hi.append(budget * (total_heads + heads) - used)
         r += 1
     res = milp(cost, constraints=LinearConstraint(rows.tocsr(), lo, hi), integrality=np.ones(nx + ny),
                bounds=Bounds(0, 1), options={"time_limit": time_limit, "mip_rel_gap": 1e-4})  # fmt: skip
@@ -426,19 +430,19 @@ def _choose(model, spec, configs, scale, searched, losses, profiles, lengths, de
         objectives["all lengths"] = norm
     candidates = []
     for label, weights in objectives.items():
-        c = _candidate(label, losses, configs, _units(spec, searched, gqa), density, weights, spec, searched)
+        c = _candidate(label, losses, configs, _units(spec, searched, gqa), density, weights, spec)
         if all(c["params"] != o["params"] for o in candidates):
             candidates.append(c)
     other = "head" if gqa == "group" else "group"  # GQA: the other granularity, same profile and objective
     alt = _candidate(list(objectives)[-1], losses, configs, _units(spec, searched, other), density,
-                     objectives[list(objectives)[-1]], spec, searched)  # fmt: skip
+                     objectives[list(objectives)[-1]], spec)  # fmt: skip
     chosen = candidates[-1]
     if validate_length:
         dense_loss = answer_loss(model, val, None)
         for c in [*candidates, alt]:
             c["validation_loss"] = answer_loss(model, val, c["params"])
-            c["validation_density"] = _plan_density(c["params"], searched, validate_length)
-            c["validation_kv_fraction"] = _kv_fraction(c["params"], searched, spec, validate_length)
+            c["validation_density"] = _plan_density(c["params"], spec, validate_length)
+            c["validation_kv_fraction"] = _kv_fraction(c["params"], spec, validate_length)
         chosen = min(candidates, key=lambda c: c["validation_loss"])
     alt = {"units": other, **alt}  # its params too: a plan for the other choice without a second search
     return {"params": chosen["params"], "chosen": chosen["objective"], "candidates": candidates,
@@ -456,28 +460,53 @@ def _units(spec, searched, gqa):
     return [(li, [h]) for li in searched for h in range(spec.num_heads)]
 
 
-def _candidate(label, losses, configs, units, budget, weights, spec, searched) -> dict:
-    choice = solve(losses, configs, units, budget, weights)
+def _candidate(label, losses, configs, units, budget, weights, spec) -> dict:
+    fixed = {n: _fixed(spec, n) for n in losses}
+    choice = solve(losses, configs, units, budget, weights, fixed=fixed)
     params = plan_params(choice, configs, units, spec)
     loss = {n: float(sum(losses[n][li, h].sum(0)[c] for (li, h), c in zip(units, choice, strict=True)))
             for n in losses}  # fmt: skip
     return {"objective": label, "params": params, "profiled_loss": loss,
-            "density": {n: _plan_density(params, searched, n) for n in losses},
-            "kv_fraction": {n: _kv_fraction(params, searched, spec, n) for n in losses}}  # fmt: skip
+            "density": {n: _plan_density(params, spec, n) for n in losses},
+            "kv_fraction": {n: _kv_fraction(params, spec, n) for n in losses}}  # fmt: skip
 
 
-def _kv_fraction(params, layers, spec, n) -> float:
-    """Ring-cache size against the dense cache at length n: each KV head keeps its query heads' largest span."""
+def _fixed(spec, n) -> tuple[int, float]:
+    """Heads of the sliding-window layers (not searched) and their summed density at length n."""
+    sliding = [w for w in spec.sliding_window if w is not None]
+    return len(sliding) * spec.num_heads, sum(min(w, n) / n for w in sliding) * spec.num_heads
+
+
+def _kv_fraction(params, spec, n) -> float:
+    """Ring-cache size against the dense cache at length n, every layer: each KV head keeps its query heads'
+    largest span; a sliding-window layer keeps its window."""
     g = spec.num_heads // spec.num_kv_heads
-    kept = [max(min(n, span((params["alphas"][li][h], params["betas"][li][h]), n)) for h in range(kv * g, (kv + 1) * g))
-            for li in layers for kv in range(spec.num_kv_heads)]  # fmt: skip
-    return sum(kept) / (n * len(kept))
+
+    def kept(li, kv):
+        if spec.sliding_window[li] is not None:
+            return min(n, spec.sliding_window[li])
+        return max(
+            min(n, span((params["alphas"][li][h], params["betas"][li][h]), n))
+            for h in range(kv * g, (kv + 1) * g)
+        )
+
+    sizes = [kept(li, kv) for li in range(spec.num_layers) for kv in range(spec.num_kv_heads)]
+    return sum(sizes) / (n * len(sizes))
 
 
-def _plan_density(params, layers, n) -> float:
+def _plan_density(params, spec, n) -> float:
+    """MoA density over every head at length n (sliding-window layers at their window's)."""
     from ..methods.moa import density_at
 
-    return density_at([params["alphas"][i] for i in layers], [params["betas"][i] for i in layers], n)
+    searched = [i for i in range(spec.num_layers) if spec.sliding_window[i] is None]
+    heads, used = _fixed(spec, n)
+    total = len(searched) * spec.num_heads
+    inner = (
+        density_at([params["alphas"][i] for i in searched], [params["betas"][i] for i in searched], n)
+        if searched
+        else 0.0
+    )
+    return (inner * total + used) / (total + heads)
 
 
 def to_plan(result: dict, spec):
