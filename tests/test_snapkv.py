@@ -1,5 +1,6 @@
-"""snapkv: the observation window's top tokens are pinned in the ring cache; decoding reads sink + pinned +
-window; keep=0 is streamingllm; pinning every droppable token gives a dense decode over the sparse prefill."""
+"""snapkv and chunkkv: the observation window's top tokens (chunkkv: whole top chunks) are pinned in the ring
+cache; decoding reads sink + pinned + window; keep=0 is streamingllm; pinning every droppable token gives a dense
+decode over the sparse prefill."""
 
 import pytest
 import torch
@@ -43,12 +44,17 @@ def test_pinning_every_dropped_token_gives_a_dense_decode_over_the_sparse_prefil
     assert torch.equal(got, ids)
 
 
-def test_pins_are_the_observation_windows_top_tokens():
+@pytest.mark.parametrize("method", ["snapkv", "chunkkv"])
+def test_pins_are_the_observation_windows_top_tokens(method):
     model = tiny_model("llama")
     spec = llmpatch.detect(model)
     x = torch.tensor([PROMPT])
     seen = {}
-    with llmpatch.patched(model, "snapkv", sink=2, window=6, keep=3, tail=4, observe=4, pool=1) as p:
+    extra = {"pool": 1} if method == "snapkv" else {"chunk": 3, "keep": 6}
+    keep = extra.get("keep", 3)
+    with llmpatch.patched(
+        model, method, **{"sink": 2, "window": 6, "keep": 3, "tail": 4, "observe": 4, **extra}
+    ) as p:
         first = p.layers[0]
         select = first.select
 
@@ -67,9 +73,18 @@ def test_pins_are_the_observation_windows_top_tokens():
     probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1).sum(2)
     scores = probs.view(1, spec.num_kv_heads, g, n).sum(2)[0]
     for h in range(spec.num_kv_heads):
-        droppable = scores[h, 2 : n - 6]
-        want = set((droppable.topk(3).indices + 2).tolist())
-        seg = slice(layer.offsets[h] + 2, layer.offsets[h] + 5)
+        droppable = scores[h, 2 : n - 6]  # positions 2 .. n - 7
+        if method == "snapkv":
+            want = set((droppable.topk(3).indices + 2).tolist())
+        else:  # chunks of 3 positions: [0, 3) holds one droppable token (2), then [3, 6), ...
+            chunks = {c: [i for i in range(3 * c, 3 * c + 3) if 2 <= i <= n - 7] for c in range(n // 3)}
+            total = {c: float(scores[h, ix].sum()) for c, ix in chunks.items() if ix}
+            best = sorted(total, key=lambda c: -total[c])[
+                :2
+            ]  # the first two fill keep = 6 when both are whole
+            assert all(len(chunks[c]) == 3 for c in best)
+            want = {i for c in best for i in chunks[c]}
+        seg = slice(layer.offsets[h] + 2, layer.offsets[h] + 2 + keep)
         got = {int((k[0, h] == row).all(-1).nonzero()[0]) for row in layer.keys[0, seg]}
         assert got == want
         assert (layer.pos[0, seg] == 0).all()  # read like sinks

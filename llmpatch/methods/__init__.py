@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..errors import ParameterError
 from .act import Act
 from .base import Method
+from .chunkkv import ChunkKV
 from .dense import Dense
 from .dhsa import DHSA
 from .longheads import LongHeads
@@ -26,6 +27,7 @@ REGISTRY: dict[str, type[Method]] = {
     LongHeads.name: LongHeads,
     DHSA.name: DHSA,
     SnapKV.name: SnapKV,
+    ChunkKV.name: ChunkKV,
 }
 
 

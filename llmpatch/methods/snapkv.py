@@ -58,6 +58,10 @@ class SnapKV(ElasticSinkWindow):
         for layer in layers:
             layer.pins, layer.select = self.keep, self.select
 
+    def smooth(self, scores, k_pos, dropped):
+        """SnapKV's clustering: a max-pool of width `pool` over each KV head's scores [B, Hkv, N]."""
+        return torch.nn.functional.max_pool1d(scores, self.pool, stride=1, padding=self.pool // 2)
+
     def select(self, decision, q, k, v, mask, scale, softcap) -> None:
         """Pin each KV head's top-`keep` prompt tokens by the observation window's attention."""
         ring = decision.pin_to() if decision.pin_to is not None else None
@@ -77,13 +81,12 @@ class SnapKV(ElasticSinkWindow):
         seen = rules.visible(q_pos[:, None, :, None], k_pos[:, None, None, :])
         probs = torch.softmax(logits.masked_fill(~seen, float("-inf")), -1).nan_to_num(0.0)
         scores = probs.sum(2).view(b, hkv, h // hkv, n).sum(2)  # [B, Hkv, N]
-        scores = torch.nn.functional.max_pool1d(scores, self.pool, stride=1, padding=self.pool // 2)
         last = q_pos[:, -1:, None]  # [B, 1, 1]: the prompt's last position
         sink = torch.tensor(ring.sink, device=q.device).view(1, -1, 1)
         span = torch.tensor(ring.ring, device=q.device).view(1, -1, 1)
         kp = k_pos[:, None, :]
         dropped = (kp >= sink) & (kp <= last - span) & (span >= 0)  # what the ring lets go
-        scores = scores.masked_fill(~dropped, float("-inf"))
+        scores = self.smooth(scores, k_pos, dropped).masked_fill(~dropped, float("-inf"))
         # stable: ties (pooling makes plateaus) go to the earlier token, the same with or without padding
         values, order = scores.sort(dim=-1, descending=True, stable=True)
         top = min(self.keep, n)
