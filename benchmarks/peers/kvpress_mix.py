@@ -11,8 +11,8 @@ scores them with llmpatch's rule and draws them beside llmpatch's methods. Resum
   question runs over the compressed cache with positions that continue the context's, then greedy decoding.
 
 KV saved is measured on the final cache (mean kept tokens per layer against the tokens a dense cache holds);
-AdaKV keeps the full cache and masks evicted entries, so its figure is the nominal one (ratio x compressed
-tokens) and the line says so. Prefill attention computed is 1.0: kvpress prefills densely.
+AdaKV and KVzip keep the full cache and mask evicted entries, so their figure is the nominal one (ratio x
+compressed tokens) and the line says so. Prefill attention computed is 1.0: kvpress prefills densely.
 
 Setup and run: benchmarks/peers/run_kvpress.sh (see benchmarks/RESULTS.md).
 """
@@ -29,7 +29,9 @@ import torch
 import transformers
 from kvpress import (
     AdaKVPress,
+    ChunkKVPress,
     ExpectedAttentionPress,
+    KVzipPress,
     SnapKVPress,
     StreamingLLMPress,
     TOVAPress,
@@ -42,7 +44,10 @@ PRESSES = {
     "expected": lambda r: ExpectedAttentionPress(compression_ratio=r),
     "tova": lambda r: TOVAPress(compression_ratio=r),
     "adakv-expected": lambda r: AdaKVPress(ExpectedAttentionPress(compression_ratio=r)),
+    "chunkkv": lambda r: ChunkKVPress(SnapKVPress(compression_ratio=r)),  # kvpress's default chunk_length 20
+    "kvzip": lambda r: KVzipPress(compression_ratio=r),
 }
+NOMINAL = (AdaKVPress, KVzipPress)  # they mask evicted entries instead of removing them
 
 
 @torch.inference_mode()
@@ -82,7 +87,7 @@ def run_one(model, tok, press, s, protocol, eos):
     seconds = time.perf_counter() - t0
     dense_len = len(ctx) + len(q) + len(new) - 1  # the last token is never written
     kept = sum(layer.keys.shape[2] for layer in cache.layers) / len(cache.layers)
-    nominal = isinstance(press, AdaKVPress)
+    nominal = isinstance(press, NOMINAL)
     saved = press.compression_ratio * compressed / dense_len if nominal else 1 - kept / dense_len
     return {
         "output": tok.decode(new, skip_special_tokens=True),
