@@ -117,3 +117,28 @@ def test_bad_parameters_name_themselves():
         with pytest.raises(llmpatch.ParameterError, match=key):
             llmpatch.apply(model, "snapkv", **bad)
     assert model.config._attn_implementation != "llmpatch"
+
+
+def test_moa_chunkkv_keep_zero_is_moa_and_full_heads_get_no_pins(tmp_path):
+    model = tiny_model("llama")
+    spec = llmpatch.detect(model)
+    h = spec.num_heads
+    alphas = [[10_000.0] * h] + [[4.0] * h for _ in range(spec.num_layers - 1)]  # layer 0 dense
+    betas = [[0.25] * h for _ in range(spec.num_layers)]
+    plan = {"alphas": alphas, "betas": betas, "sink": 2, "min_span": 3}
+    x = torch.tensor([PROMPT])
+    with llmpatch.patched(model, "moa", **plan, tail=4):
+        want = model.generate(x, **KW)
+    with llmpatch.patched(model, "moa_chunkkv", **plan, tail=4, keep=0):
+        assert torch.equal(model.generate(x, **KW), want)
+    with llmpatch.patched(model, "moa_chunkkv", **plan, tail=4, keep=4, chunk=2, observe=3):
+        layers = caches.output_cache(model(x, use_cache=True)).layers
+    assert layers[0].pins == [0] * spec.num_kv_heads and all(layer.pins == [4] * spec.num_kv_heads
+                                                             for layer in layers[1:])  # fmt: skip
+    path = llmpatch.plan.Plan(spec.fingerprint(), [{"name": "moa", "params": plan}]).save(
+        tmp_path / "moa.json"
+    )
+    with llmpatch.patched(model, "moa_chunkkv", plan=path, keep=0, tail=4):  # a moa plan file serves
+        assert torch.equal(model.generate(x, **KW), want)
+    with pytest.raises(llmpatch.ParameterError, match="ring"):
+        llmpatch.apply(model, "moa_chunkkv", **plan, ring=False)

@@ -10,6 +10,7 @@ from .dense import Dense
 from .dhsa import DHSA
 from .longheads import LongHeads
 from .moa import MoA
+from .moa_chunkkv import MoAChunkKV
 from .retrieval_kv import RetrievalKV
 from .retrieval_mask import RetrievalMask
 from .sink_window import SinkWindow
@@ -28,6 +29,7 @@ REGISTRY: dict[str, type[Method]] = {
     DHSA.name: DHSA,
     SnapKV.name: SnapKV,
     ChunkKV.name: ChunkKV,
+    MoAChunkKV.name: MoAChunkKV,
 }
 
 
