@@ -699,6 +699,8 @@ def bench_accuracy_cmd(
         if unknown:
             raise ParameterError(f"--only: unknown label {unknown[0]!r}; the recipe has "
                                  f"{', '.join(p.label for p in r.points)}")  # fmt: skip
+        if report_only and not out.is_dir():
+            raise ParameterError(f"--out: {out} is not a folder of results (run without --report-only first)")
         if not report_only:
             m, tok = load_model(r.model, dtype=r.dtype, progress=err.print)
             check_methods(r, m)

@@ -142,6 +142,10 @@ def test_bench_accuracy_runs_resumes_and_refuses_bad_input(smollm2, tmp_path):
     assert "snapkv-50" in result.output
     result = runner.invoke(app, ["bench", "accuracy", str(recipe), "--out", str(out), "--report-only"])
     assert result.exit_code == 0 and "dense" in result.output
+    result = runner.invoke(
+        app, ["bench", "accuracy", str(recipe), "--out", str(tmp_path / "no"), "--report-only"]
+    )
+    assert result.exit_code == 2 and "not a folder of results" in result.output
     result = runner.invoke(app, ["bench", "accuracy", str(recipe), "--only", "bogus"])
     assert result.exit_code == 2 and "--only: unknown label 'bogus'" in result.output
     recipe.write_text("model: smollm2-135m\nmix: {split: train}\n")
