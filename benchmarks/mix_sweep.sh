@@ -13,6 +13,8 @@ recipe="${2:-recipes/smollm2-135m-mix.yaml}"
 if [ "$part" != kvpress ]; then
   llmpatch bench accuracy "$recipe" --out "$out"
 fi
+model="$(sed -n 's/^model: *//p' "$recipe")"   # kvpress reads the same weights, converted by llmpatch
+export MODEL_DIR="${MODEL_DIR:-${LLMPATCH_CACHE:-$HOME/.cache/llmpatch}/models/$model/hf}"
 if [ "$part" != ours ]; then
   benchmarks/peers/run_kvpress.sh "$out" --ratios 0.67
   benchmarks/peers/run_kvpress.sh "$out" --ratios 0.5,0.75
