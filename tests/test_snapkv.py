@@ -142,3 +142,16 @@ def test_moa_chunkkv_keep_zero_is_moa_and_full_heads_get_no_pins(tmp_path):
         assert torch.equal(model.generate(x, **KW), want)
     with pytest.raises(llmpatch.ParameterError, match="ring"):
         llmpatch.apply(model, "moa_chunkkv", **plan, ring=False)
+
+
+def test_retrieval_kv_pins_chunks_on_its_compressed_heads_only():
+    model = tiny_model("llama")
+    spec = llmpatch.detect(model)
+    x = torch.tensor([PROMPT])
+    full = [[0, 0]]  # layer 0's first KV group stays full
+    with llmpatch.patched(model, "retrieval_kv", heads=full, sink=2, recent=6, keep=4, chunk=2, observe=3):
+        layers = caches.output_cache(model(x, use_cache=True)).layers
+    assert layers[0].pins == [0] + [4] * (spec.num_kv_heads - 1)
+    assert all(layer.pins == [4] * spec.num_kv_heads for layer in layers[1:])
+    with llmpatch.patched(model, "retrieval_kv", heads=full, sink=2, recent=6):
+        assert all(not any(layer.pins) for layer in caches.output_cache(model(x, use_cache=True)).layers)

@@ -37,3 +37,22 @@ class ChunkKV(SnapKV):
         sums = torch.zeros(*scores.shape[:2], int(ids.max()) + 1, dtype=scores.dtype, device=scores.device)
         sums.scatter_add_(-1, ids, torch.where(dropped, scores, 0.0))
         return sums.gather(-1, ids)
+
+
+@dataclasses.dataclass
+class ChunkPins:
+    """chunkkv's pins as a capability of another ring-cache method (moa_chunkkv, retrieval_kv): each compressed
+    KV head also keeps `keep` prompt tokens, whole chunks chosen by the last `observe` queries. keep=0: none."""
+
+    keep: int = param(0, "an int >= 0 (prompt tokens pinned per compressed KV head, whole chunks; 0 = none)",
+                      lambda v: v >= 0)  # fmt: skip
+    observe: int = param(64, "an int >= 1 (the last prompt tokens that score the rest)", lambda v: v >= 1)
+    chunk: int = param(16, "an int >= 1 (consecutive prompt positions pinned together)", lambda v: v >= 1)
+
+    smooth = ChunkKV.smooth  # chunkkv's scoring and snapkv's selection: one copy of each rule
+    select = SnapKV.select
+
+    def add_pins(self, layers) -> None:
+        if self.keep:
+            for layer in layers:
+                layer.pins, layer.select = self.keep, self.select

@@ -18,24 +18,19 @@ import dataclasses
 
 from ..errors import ParameterError
 from .base import param
-from .chunkkv import ChunkKV
+from .chunkkv import ChunkPins
 from .moa import MoA
-from .snapkv import SnapKV
 
 
 @dataclasses.dataclass
-class MoAChunkKV(MoA):
+class MoAChunkKV(MoA, ChunkPins):
     name = "moa_chunkkv"
     summary = "a MoA plan plus the prompt chunks the question attends to most, pinned on the compressed heads"
     plan_entry = "moa"
 
-    keep: int = param(64, "an int >= 0 (prompt tokens pinned per compressed KV head)", lambda v: v >= 0)
-    observe: int = param(64, "an int >= 1 (the last prompt tokens that score the rest)", lambda v: v >= 1)
-    chunk: int = param(16, "an int >= 1 (consecutive prompt positions pinned together)", lambda v: v >= 1)
+    keep: int = param(64, "an int >= 0 (prompt tokens pinned per compressed KV head, whole chunks)",
+                      lambda v: v >= 0)  # fmt: skip
     tail: int = param(64, "an int >= 0 (last prompt tokens that attend densely)", lambda v: v >= 0)
-
-    smooth = ChunkKV.smooth  # chunkkv's scoring and snapkv's selection: one copy of each rule
-    select = SnapKV.select
 
     def validate(self, spec):
         super().validate(spec)
@@ -46,5 +41,4 @@ class MoAChunkKV(MoA):
 
     def configure(self, spec, layers):
         super().configure(spec, layers)
-        for layer in layers:
-            layer.pins, layer.select = self.keep, self.select
+        self.add_pins(layers)

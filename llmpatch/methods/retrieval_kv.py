@@ -1,11 +1,13 @@
 """Retrieval-head KV compression, as in DuoAttention / RazorAttention and the retrieval-head paper's discussion
 (Wu et al., 2024; docs/METHODS.md §5): retrieval heads keep their full KV cache, the other heads keep sink + recent.
 
-Heads: the `top_k` best-scoring query heads (by `score`: "copy", the paper's copy-paste score, or "mass", the
-attention mass on the needle while answering) of a retrieval plan (`llmpatch calibrate retrieval`), or those above
+Heads: the `top_k` best-scoring query heads (by `score`: "copy", the paper's copy-paste score, "mass", the
+attention mass on the needle while answering, or "effect", the measured answer-loss effect) of a retrieval plan (`llmpatch calibrate retrieval`), or those above
 `threshold` when `top_k` is not given, or an explicit `heads` list. GQA: query heads share a KV head, so a KV head
 stays full when any of its query heads is kept (its whole group is then full); `kv_report()` counts them.
-Defaults: sink 64, recent 256 (DuoAttention's deployment). Compressed heads use sink + window(recent) attention on
+`keep` > 0 also pins, on each compressed KV head, the prompt chunks the question attends to most (chunkkv's
+selection, `ChunkPins`; full heads get none).
+Defaults: sink 64, recent 256 (DuoAttention's deployment), keep 0. Compressed heads use sink + window(recent) attention on
 the prompt too, so prefill and decode see the same pattern. Layers with the model's own sliding window are left
 dense (their cache is already bounded). The saving is real: the per-KV-head ring cache (`llmpatch.caches.ring`, shared with moa) stores
 only what the pattern reads; `kv_report()` measures it against the dense cache. Does not compose with other
@@ -19,11 +21,12 @@ import dataclasses
 from ..decisions import Kind
 from ..errors import ParameterError
 from .base import check_head_pairs, param
+from .chunkkv import ChunkPins
 from .shared import ScoredHeads, ranked_heads, tail_param
 
 
 @dataclasses.dataclass
-class RetrievalKV(ScoredHeads):
+class RetrievalKV(ScoredHeads, ChunkPins):
     name = "retrieval_kv"
     summary = (
         "retrieval heads keep the full KV cache, the other heads keep sink + recent (real memory saving)"
@@ -75,6 +78,7 @@ class RetrievalKV(ScoredHeads):
             sink = [0 if h // g in full else self.sink for h in range(spec.num_heads)]
             window = [-1 if h // g in full else self.recent for h in range(spec.num_heads)]
             layer.set_static(self.name, sink, window, self.tail)
+        self.add_pins([layers[li] for li in self.full_kv_heads(spec)])
 
     def install(self, model, spec, layers):
         from ..caches import ring  # imports transformers: not at package import time
