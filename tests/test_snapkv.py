@@ -65,7 +65,7 @@ def test_pins_are_the_observation_windows_top_tokens(method):
         first.select = spy
         out = model(x, use_cache=True)
         layer = caches.output_cache(out).layers[0]
-    q, k = seen["q"].float(), seen["k"].float()
+    q, k = seen["q"].detach().float(), seen["k"].detach().float()
     g = spec.num_heads // spec.num_kv_heads
     n = len(PROMPT)
     logits = q[:, :, -4:] @ k.repeat_interleave(g, 1).transpose(-1, -2) * seen["scale"]
