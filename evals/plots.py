@@ -108,7 +108,9 @@ def accuracy_vs_kv(rows: list[dict], path: Path, title: str = "") -> Path | None
         print(SKIPPED)
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(10, 5))
+    n_lines = len({(r["toolkit"], r["label"].rsplit("-", 1)[0], r["protocol"]) for r in rows}) + 1
+    ncol = 1 + n_lines // 24
+    fig, ax = plt.subplots(figsize=(10 + 2.5 * (ncol - 1), max(5.0, 0.17 * n_lines / ncol)))
     dense = [r for r in rows if r["label"] == "dense"]
     if dense:
         ax.axhline(dense[0]["accuracy"], color="black", lw=1, label=f"dense {dense[0]['accuracy']:.2f}")
@@ -117,19 +119,20 @@ def accuracy_vs_kv(rows: list[dict], path: Path, title: str = "") -> Path | None
         if r["label"] != "dense":
             family = r["label"].rsplit("-", 1)[0] if r["label"].rsplit("-", 1)[-1].isdigit() else r["label"]
             groups.setdefault((r["toolkit"], family, r["protocol"]), []).append(r)
-    for (toolkit, family, proto), rs in sorted(groups.items()):
+    colors = {k: plt.cm.tab20(i % 20) for i, k in enumerate(sorted({(t, f) for t, f, _ in groups}))}
+    for (toolkit, family, proto), rs in sorted(groups.items()):  # one colour per method; A solid, B dashed
         rs = sorted(rs, key=lambda r: r["kv_saved"])
         x = [100 * r["kv_saved"] for r in rs]
         y = [r["accuracy"] for r in rs]
         err = [[r["accuracy"] - r["ci95"][0] for r in rs], [r["ci95"][1] - r["accuracy"] for r in rs]]
         marker = "o" if toolkit == "llmpatch" else "s"
         ax.errorbar(x, y, yerr=err, marker=marker, ls="-" if proto == "A" else "--", capsize=3,
-                    label=f"{toolkit} {family.removeprefix(toolkit + '-')} ({proto})")  # fmt: skip
+                    color=colors[(toolkit, family)], label=f"{toolkit} {family.removeprefix(toolkit + '-')} ({proto})")  # fmt: skip
     ax.set_xlabel("KV cache saved (%)")
     ax.set_ylabel("accuracy (test split)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title or "accuracy vs KV saved")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=ncol)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
