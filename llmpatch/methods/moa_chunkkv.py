@@ -8,7 +8,7 @@ selection, read from the same code). Full heads keep everything and get no pins.
 plan (a moa plan file serves, `plan_entry`), sink, min_span, the ring cache and the dense `tail`.
 
 Defaults: moa's, with keep 64, observe 64, chunk 16, tail 64 (the question's queries attend densely, so the
-selection reads their true attention). At equal KV kept, pair a sparser plan with the pins (recipes do).
+selection reads their true attention). At equal KV kept, pair a sparser plan with the pins.
 Departures: none from either part beyond theirs; the ring cache is required (pins live in its slots).
 """
 
