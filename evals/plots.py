@@ -108,17 +108,17 @@ def accuracy_vs_kv(rows: list[dict], path: Path, title: str = "") -> Path | None
         print(SKIPPED)
         return None
     plt = _pyplot()
-    n_lines = len({(r["toolkit"], r["label"].rsplit("-", 1)[0], r["protocol"]) for r in rows}) + 1
-    ncol = 1 + n_lines // 24
-    fig, ax = plt.subplots(figsize=(10 + 2.5 * (ncol - 1), max(5.0, 0.17 * n_lines / ncol)))
-    dense = [r for r in rows if r["label"] == "dense"]
-    if dense:
-        ax.axhline(dense[0]["accuracy"], color="black", lw=1, label=f"dense {dense[0]['accuracy']:.2f}")
     groups: dict[tuple, list] = {}
     for r in rows:
         if r["label"] != "dense":
             family = r["label"].rsplit("-", 1)[0] if r["label"].rsplit("-", 1)[-1].isdigit() else r["label"]
             groups.setdefault((r["toolkit"], family, r["protocol"]), []).append(r)
+    n_lines = len(groups) + 1  # and dense
+    ncol = 1 + n_lines // 24
+    fig, ax = plt.subplots(figsize=(10 + 2.5 * (ncol - 1), max(5.0, 0.17 * n_lines / ncol)))
+    dense = [r for r in rows if r["label"] == "dense"]
+    if dense:
+        ax.axhline(dense[0]["accuracy"], color="black", lw=1, label=f"dense {dense[0]['accuracy']:.2f}")
     colors = {k: plt.cm.tab20(i % 20) for i, k in enumerate(sorted({(t, f) for t, f, _ in groups}))}
     for (toolkit, family, proto), rs in sorted(groups.items()):  # one colour per method; A solid, B dashed
         rs = sorted(rs, key=lambda r: r["kv_saved"])

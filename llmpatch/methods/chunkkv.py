@@ -23,12 +23,18 @@ from .snapkv import SnapKV
 
 
 @dataclasses.dataclass
-class ChunkKV(SnapKV):
-    name = "chunkkv"
-    summary = "sink + window ring cache plus the prompt chunks the question attends to most (whole chunks)"
+class ChunkPins:
+    """Chunk pins as a capability of a ring-cache method (chunkkv itself, moa_chunkkv, retrieval_kv): each
+    compressed KV head also keeps `keep` prompt tokens, whole chunks chosen by the last `observe` queries.
+    keep=0: none. The selection is snapkv's (one copy of the rule); the scoring is `smooth`, here."""
 
-    chunk: int = param(16, "an int >= 1 (consecutive prompt positions scored and kept together)",
+    keep: int = param(0, "an int >= 0 (prompt tokens pinned per compressed KV head, whole chunks; 0 = none)",
+                      lambda v: v >= 0)  # fmt: skip
+    observe: int = param(64, "an int >= 1 (the last prompt tokens that score the rest)", lambda v: v >= 1)
+    chunk: int = param(16, "an int >= 1 (consecutive prompt positions scored and pinned together)",
                        lambda v: v >= 1)  # fmt: skip
+
+    select = SnapKV.select
 
     def smooth(self, scores, k_pos, dropped):
         """Each token gets its chunk's summed score (dropped tokens only); the stable top-`keep` sort then takes
@@ -38,21 +44,15 @@ class ChunkKV(SnapKV):
         sums.scatter_add_(-1, ids, torch.where(dropped, scores, 0.0))
         return sums.gather(-1, ids)
 
-
-@dataclasses.dataclass
-class ChunkPins:
-    """chunkkv's pins as a capability of another ring-cache method (moa_chunkkv, retrieval_kv): each compressed
-    KV head also keeps `keep` prompt tokens, whole chunks chosen by the last `observe` queries. keep=0: none."""
-
-    keep: int = param(0, "an int >= 0 (prompt tokens pinned per compressed KV head, whole chunks; 0 = none)",
-                      lambda v: v >= 0)  # fmt: skip
-    observe: int = param(64, "an int >= 1 (the last prompt tokens that score the rest)", lambda v: v >= 1)
-    chunk: int = param(16, "an int >= 1 (consecutive prompt positions pinned together)", lambda v: v >= 1)
-
-    smooth = ChunkKV.smooth  # chunkkv's scoring and snapkv's selection: one copy of each rule
-    select = SnapKV.select
-
     def add_pins(self, layers) -> None:
         if self.keep:
             for layer in layers:
                 layer.pins, layer.select = self.keep, self.select
+
+
+@dataclasses.dataclass
+class ChunkKV(SnapKV, ChunkPins):  # snapkv's fields and defaults (keep 192, ...), ChunkPins' `chunk`
+    name = "chunkkv"
+    summary = "sink + window ring cache plus the prompt chunks the question attends to most (whole chunks)"
+
+    smooth = ChunkPins.smooth  # over SnapKV's max-pool

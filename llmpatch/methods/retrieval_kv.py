@@ -71,14 +71,15 @@ class RetrievalKV(ScoredHeads, ChunkPins):
 
     def configure(self, spec, layers):
         g = spec.num_heads // spec.num_kv_heads
-        for li, full in self.full_kv_heads(spec).items():
+        compressed = self.full_kv_heads(spec)  # {layer: its full KV heads}, for every layer this method cuts
+        for li, full in compressed.items():
             layer = layers[li]
             for kind in (Kind.CALIBRATION, Kind.HEAD_MASK):  # the ring cache path does not apply them yet
                 layer.claim(kind, self.name)
             sink = [0 if h // g in full else self.sink for h in range(spec.num_heads)]
             window = [-1 if h // g in full else self.recent for h in range(spec.num_heads)]
             layer.set_static(self.name, sink, window, self.tail)
-        self.add_pins([layers[li] for li in self.full_kv_heads(spec)])
+        self.add_pins([layers[li] for li in compressed])
 
     def install(self, model, spec, layers):
         from ..caches import ring  # imports transformers: not at package import time
