@@ -58,13 +58,18 @@ def test_window_covering_the_prompt_gives_identical_logits(smollm2, passkey):
 
 @pytest.mark.parametrize(
     "method,params",
-    [("streamingllm", {"window": 64, "tail": 4096}), ("moa", None), ("snapkv", {"window": 4096, "keep": 64})],
+    [
+        ("streamingllm", {"window": 64, "tail": 4096}),
+        ("moa", None),
+        ("snapkv", {"window": 4096, "keep": 64}),
+        ("chunkkv", {"window": 4096, "keep": 64}),
+    ],  # fmt: skip
 )
 def test_dense_tail_and_snapkv_configured_dense_give_identical_logits_and_answer(
     smollm2, passkey, method, params
 ):
     """A tail covering the prompt gives the dense prompt logits (decoding then reads the cut cache, so the answer may
-    change); a snapkv window covering the prompt is the dense model, answer included."""
+    change); a snapkv or chunkkv window covering the prompt is the dense model, answer included."""
     model, tok = smollm2
     sample, enc = passkey
     if params is None:  # a narrow moa plan whose tail covers the prompt
@@ -75,9 +80,9 @@ def test_dense_tail_and_snapkv_configured_dense_give_identical_logits_and_answer
         want = model(**enc).logits
         with llmpatch.patched(model, method, **params):
             got = model(**enc).logits
-            text = answer(model, tok, enc) if method == "snapkv" else None
+            text = answer(model, tok, enc) if method in ("snapkv", "chunkkv") else None
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-    if method == "snapkv":
+    if text is not None:
         assert PASSKEY.score(sample, text) == 1.0
 
 
