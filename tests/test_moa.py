@@ -104,6 +104,26 @@ def test_streamingllm_density_and_window():
     )  # layers x (k, v) x KV heads x (sink + window) x D x fp32
 
 
+def test_ring_cache_narrows_the_models_own_sliding_layers():
+    """Gemma-3 (window 12 on layers 0 and 2): spans narrower than the model's window get the ring cache there
+    too, and KV saved counts against the model's own cache (its sliding layers keep window - 1 tokens)."""
+    model = tiny_model("gemma3_text")
+    x = torch.tensor([PROMPTS[0]])  # 20 tokens, then 11 decoded into the cache
+    outs = {}
+    for ring in (True, False):
+        with llmpatch.patched(model, "streamingllm", window=5, sink=2, ring=ring):
+            outs[ring] = model.generate(x, return_dict_in_generate=True, **GEN)
+    assert torch.equal(outs[True].sequences, outs[False].sequences)
+    cache = kvcache.output_cache(outs[True])
+    assert all(isinstance(layer, kvcache.RingLayer) for layer in cache.layers)
+    assert kvcache.kv_report(cache)["saved"] == pytest.approx(1 - 3 * 7 / (11 + 31 + 11))
+    with llmpatch.patched(model, "streamingllm", window=50, sink=2):  # wider than the window: capped at it
+        cache = kvcache.output_cache(model.generate(x, return_dict_in_generate=True, **GEN))
+    assert kvcache.kv_report(cache)["saved"] == pytest.approx(
+        1 - (2 * 14 + 52) / (11 + 31 + 11)
+    )  # 2 + 50 slots
+
+
 def test_official_plan_round_trip(tmp_path):
     model = tiny_model("llama")
     spec = llmpatch.detect(model)

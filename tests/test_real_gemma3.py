@@ -33,3 +33,23 @@ def test_gemma3_dense_parity_past_the_sliding_window(gemma3):
     assert torch.equal(out, patched)
     answer = tok.decode(out[0, enc.input_ids.shape[1] :])
     assert SUITES["passkey"].score(sample, answer) == 1.0, answer
+
+
+def test_gemma3_streamingllm_ring_on_its_sliding_layers(gemma3):
+    """A window narrower than Gemma's own 512 bounds the sliding layers' cache too: the same tokens as the same
+    pattern masked over the model's own cache, and KV saved counted against that cache (sliding layers included)."""
+    from llmpatch import caches
+
+    model, tok = gemma3
+    enc = tok(SUITES["passkey"].sample(tok, 900, 0).prompt, return_tensors="pt")
+    n = enc.input_ids.shape[1]
+    out = {}
+    for ring in (True, False):
+        with llmpatch.patched(model, "streamingllm", window=256, sink=64, ring=ring):
+            out[ring] = model.generate(
+                **enc, max_new_tokens=10, do_sample=False, return_dict_in_generate=True
+            )
+    assert torch.equal(out[True].sequences, out[False].sequences)
+    report = caches.kv_report(caches.output_cache(out[True]))
+    seen = n + 9
+    assert report["saved"] == pytest.approx(1 - 18 * 320 / (15 * 511 + 3 * seen))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from .ring import RingLayer
 
@@ -43,7 +43,7 @@ def install(model, make_layers) -> callable:
 
     def convert(cache):
         for i, factory in make_layers().items():
-            if i < len(cache.layers) and type(cache.layers[i]) is DynamicLayer:
+            if i < len(cache.layers) and type(cache.layers[i]) in (DynamicLayer, DynamicSlidingWindowLayer):
                 cache.layers[i] = factory()
         return cache
 

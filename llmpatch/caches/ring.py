@@ -7,6 +7,8 @@ generate(), cache positions and masks work unchanged. When the first tokens arri
 - the others keep sink = the group's largest sink and a ring of its largest window: token p goes to slot p while
   p < sink, else to sink + (p - sink) % ring. A decode token written before it attends evicts only the token
   one window back, which it may not see.
+On a layer with the model's own sliding window W (Gemma-2/3, Mistral v0.1) no ring is wider than W, and a dense
+head keeps a ring of W; KV saved counts against the model's own layer there (its last W - 1 tokens).
 Storage is exact per KV head: one flat buffer per layer, k and v [B, S, D], where KV head h owns the segment
 [off_h, off_h + cap_h) (cap_h = its sink + ring, or the tokens so far plus room to grow for a head that keeps
 every token), and pos [B, S] holds the token position of every slot (-1 = empty). Positions are per row, so left
@@ -32,7 +34,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from ..attention import padding_start
-from ..decisions import KeyPositions
+from ..decisions import KeyPositions, Kind
 from ..errors import PatchStateError
 
 STEP = 1  # new tokens a call may bring and still be written before it attends (ring = window exactly)
@@ -71,6 +73,9 @@ class RingLayer(DynamicLayer):
         full = (window < 0).any(-1)
         self.sink = torch.where(full, 0, sink.max(-1).values).tolist()
         self.ring = torch.where(full, -1, window.max(-1).values + STEP - 1).tolist()
+        own = self.decision.sliding_window
+        if own is not None:  # the model's own window bounds every head: nobody reads further back
+            self.ring = [own + STEP - 1 if r < 0 else min(r, own + STEP - 1) for r in self.ring]
         self.pins = [0 if f else self.decision.pins for f in full.tolist()]
         # the method's selection writes here after the prompt (never into an older cache)
         self.decision.pin_to = weakref.ref(self) if any(self.pins) else None
@@ -191,11 +196,14 @@ class RingLayer(DynamicLayer):
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
 
     def dense_bytes(self) -> int:
-        """What a DynamicLayer would hold for the same tokens."""
+        """What the model's own layer would hold for the same tokens (a DynamicSlidingWindowLayer keeps the last
+        window - 1 on a layer with its own sliding window)."""
         if self.pos is None:
             return 0
         b, _, d = self.keys.shape
-        return 2 * b * self.num_kv_heads * self.seen * d * self.keys.element_size()
+        own = self.decision.sliding_window
+        tokens = self.seen if own is None else min(self.seen, own - 1)
+        return 2 * b * self.num_kv_heads * tokens * d * self.keys.element_size()
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("the ring-buffer cache cannot be cropped (assisted decoding)")
@@ -216,11 +224,13 @@ class RingLayer(DynamicLayer):
 
 
 def install(model, spec, layers):
-    """Put RingLayers into every fresh DynamicCache the model runs with (layers with the model's own sliding
-    window keep their bounded cache); returns the undo callback."""
+    """Put RingLayers into every fresh DynamicCache the model runs with: on every full-attention layer, and on a
+    layer with the model's own sliding window where a method sets the pattern (its spans may be narrower than
+    the window; the others keep their own bounded cache). Returns the undo callback."""
     from . import install as install_layers
 
-    chosen = [i for i in range(spec.num_layers) if spec.sliding_window[i] is None]
+    chosen = [i for i in range(spec.num_layers)
+              if spec.sliding_window[i] is None or Kind.PATTERN in layers[i].owners]  # fmt: skip
 
     def make():
         return {i: (lambda i=i: RingLayer(layers[i], spec.num_kv_heads)) for i in chosen}

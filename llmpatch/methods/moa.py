@@ -14,8 +14,8 @@ plans give a KV group one span, and then the union costs nothing.
 
 Departures: spans are fixed when the prompt is read (N = prompt length; the official cache sizes use
 N_in + max_new); in a batch N is the padded length, so a shorter row gets the spans of the longer one (set
-`length` for spans that do not depend on the batch). Layers with the model's own sliding window keep their own
-bounded cache (the plan may still narrow them). Does not compose with act / retrieval_mask / retrieval_kv yet.
+`length` for spans that do not depend on the batch). On layers with the model's own sliding window the ring
+cache holds min(span, window) per KV head, so a plan that narrows them saves their memory too. Does not compose with act / retrieval_mask / retrieval_kv yet.
 """
 
 from __future__ import annotations
