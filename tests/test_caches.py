@@ -12,31 +12,35 @@ from llmpatch.testing import FAMILIES, tiny_model
 from tests.test_parity import PROMPTS, left_pad
 
 
-def sink_window_twin(model, full_pairs, sink, recent):
+def sink_window_twin(model, full_pairs, sink, recent, sliding=False):
     """The same per-head pattern as retrieval_kv, through sink_window's analytic masks over the full cache."""
     spec = llmpatch.detect(model)
     g = spec.num_heads // spec.num_kv_heads
     full = {(li, hi // g) for li, hi in full_pairs}
     sinks, windows = [], []
     for li in range(spec.num_layers):
-        dense = spec.sliding_window[li] is not None
+        dense = spec.sliding_window[li] is not None and not sliding
         keep = [dense or (li, h // g) in full for h in range(spec.num_heads)]
         sinks.append([0 if k else sink for k in keep])
         windows.append([-1 if k else recent for k in keep])
     return sinks, windows
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_compressed_decode_matches_masked_full_cache(family):
+SLIDING = [f for f in FAMILIES if f in ("gemma2", "gemma3_text", "mistral", "qwen2")]
+
+
+@pytest.mark.parametrize("family,sliding", [(f, False) for f in FAMILIES] + [(f, True) for f in SLIDING])
+def test_compressed_decode_matches_masked_full_cache(family, sliding):
+    """sliding=True also compresses the model's own sliding-window layers (their full heads keep its window)."""
     model = tiny_model(family)
     ids, mask = left_pad(PROMPTS)
     heads = [[0, 1], [2, 3]]
     kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
-    with llmpatch.patched(model, "retrieval_kv", heads=heads, sink=2, recent=4):
+    with llmpatch.patched(model, "retrieval_kv", heads=heads, sink=2, recent=4, sliding=sliding):
         got = model.generate(ids, attention_mask=mask, **kw)
         single = model.generate(torch.tensor([PROMPTS[1]]), **kw)
     want = []
-    sinks, windows = sink_window_twin(model, heads, 2, 4)
+    sinks, windows = sink_window_twin(model, heads, 2, 4, sliding)
     spec = llmpatch.detect(model)
     with llmpatch.patched(model, "dense") as p:
         for layer in p.layers:

@@ -7,8 +7,9 @@ generate(), cache positions and masks work unchanged. When the first tokens arri
 - the others keep sink = the group's largest sink and a ring of its largest window: token p goes to slot p while
   p < sink, else to sink + (p - sink) % ring. A decode token written before it attends evicts only the token
   one window back, which it may not see.
-On a layer with the model's own sliding window W (Gemma-2/3, Mistral v0.1) no ring is wider than W, and a dense
-head keeps a ring of W; KV saved counts against the model's own layer there (its last W - 1 tokens).
+On a layer with the model's own sliding window W (Gemma-2/3, Mistral v0.1) no key older than W is ever read, so
+a KV head keeps a plain ring of W (sink 0) wherever its sink + window would not be smaller; KV saved counts
+against the model's own layer there (its last W - 1 tokens).
 Storage is exact per KV head: one flat buffer per layer, k and v [B, S, D], where KV head h owns the segment
 [off_h, off_h + cap_h) (cap_h = its sink + ring, or the tokens so far plus room to grow for a head that keeps
 every token), and pos [B, S] holds the token position of every slot (-1 = empty). Positions are per row, so left
@@ -74,8 +75,13 @@ class RingLayer(DynamicLayer):
         self.sink = torch.where(full, 0, sink.max(-1).values).tolist()
         self.ring = torch.where(full, -1, window.max(-1).values + STEP - 1).tolist()
         own = self.decision.sliding_window
-        if own is not None:  # the model's own window bounds every head: nobody reads further back
-            self.ring = [own + STEP - 1 if r < 0 else min(r, own + STEP - 1) for r in self.ring]
+        if own is not None:  # nothing older than the model's own window is read: a ring of it holds every key
+            cap = (
+                own + STEP - 1
+            )  # a head seen (sink included), so keep sink + ring only where that is smaller
+            wide = [r < 0 or s + r >= cap for s, r in zip(self.sink, self.ring, strict=True)]
+            self.sink = [0 if w else s for s, w in zip(self.sink, wide, strict=True)]
+            self.ring = [cap if w else r for r, w in zip(self.ring, wide, strict=True)]
         self.pins = [0 if f else self.decision.pins for f in full.tolist()]
         # the method's selection writes here after the prompt (never into an older cache)
         self.decision.pin_to = weakref.ref(self) if any(self.pins) else None

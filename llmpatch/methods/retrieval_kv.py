@@ -9,7 +9,8 @@ stays full when any of its query heads is kept (its whole group is then full); `
 selection, `ChunkPins`; full heads get none).
 Defaults: sink 64, recent 256 (DuoAttention's deployment), keep 0. Compressed heads use sink + window(recent) attention on
 the prompt too, so prefill and decode see the same pattern. Layers with the model's own sliding window are left
-dense (their cache is already bounded). The saving is real: the per-KV-head ring cache (`llmpatch.caches.ring`, shared with moa) stores
+as they are (their cache is already bounded) unless `sliding` is true: then their retrieval heads keep the
+model's window and the others sink + recent (Gemma-3 at short lengths, where those layers hold most of the KV). The saving is real: the per-KV-head ring cache (`llmpatch.caches.ring`, shared with moa) stores
 only what the pattern reads; `kv_report()` measures it against the dense cache. Does not compose with other
 methods that set attention decisions (act, retrieval_mask) yet.
 """
@@ -40,6 +41,9 @@ class RetrievalKV(ScoredHeads, ChunkPins):
                              lambda v: v > 0)  # fmt: skip
     sink: int = param(64, "an int >= 0", lambda v: v >= 0)
     recent: int = param(256, "an int >= 1", lambda v: v >= 1)
+    sliding: bool = param(
+        False, "false (leave the model's own sliding-window layers) or true (compress them too)"
+    )
     tail: int = tail_param()
 
     def validate(self, spec):
@@ -61,9 +65,10 @@ class RetrievalKV(ScoredHeads, ChunkPins):
         return [p for p in ranked_heads(chosen) if chosen[p[0]][p[1]] > self.threshold]
 
     def full_kv_heads(self, spec) -> dict[int, list[int]]:
-        """{layer: KV heads kept in full} for the layers that are compressed (no own sliding window)."""
+        """{layer: KV heads kept in full} for the layers that are compressed (no own sliding window, unless
+        `sliding`)."""
         g = spec.num_heads // spec.num_kv_heads
-        full = {i: set() for i in range(spec.num_layers) if spec.sliding_window[i] is None}
+        full = {i: set() for i in range(spec.num_layers) if self.sliding or spec.sliding_window[i] is None}
         for li, hi in self.kept(spec):
             if li in full:
                 full[li].add(hi // g)
