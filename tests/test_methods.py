@@ -39,6 +39,10 @@ CONFIGS = {
     "streamingllm": ({"density": 1.0}, {"window": 5, "sink": 2}),
     "snapkv": ({"window": 10_000}, {"sink": 2, "window": 5, "keep": 3, "tail": 3}),
     "chunkkv": ({"window": 10_000}, {"sink": 2, "window": 5, "keep": 4, "tail": 3, "chunk": 2}),
+    "kvzip": (
+        {"ratio": 0.0, "instruction": [5, 6, 7]},
+        {"ratio": 0.5, "sink": 2, "window": 3, "chunk": 16, "instruction": [5, 6, 7]},
+    ),
     "longheads": (
         {"chunk_size": 4, "attention_length": 32, "block_size": 2},
         {"chunk_size": 4, "attention_length": 12, "block_size": 2},

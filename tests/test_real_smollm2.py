@@ -94,6 +94,24 @@ def test_window_of_64_changes_the_answer(smollm2, passkey):
     assert PASSKEY.score(sample, windowed) == 0.0, windowed
 
 
+def test_kvzip_keeps_the_passkey_with_a_third_of_the_cache(smollm2, passkey):
+    """Query-agnostic (the cache is cut before the question is known to matter) yet the answer survives; ratio 0
+    keeps every prompt entry: the unpatched answer and logits."""
+    from llmpatch import caches
+
+    model, tok = smollm2
+    sample, enc = passkey
+    want = answer(model, tok, enc)
+    with llmpatch.patched(model, "kvzip", ratio=0.0):
+        assert answer(model, tok, enc) == want
+    with llmpatch.patched(model, "kvzip", ratio=0.7):
+        out = model.generate(**enc, max_new_tokens=12, do_sample=False, return_dict_in_generate=True,
+                             pad_token_id=tok.pad_token_id)  # fmt: skip
+        text = tok.decode(out.sequences[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
+    assert PASSKEY.score(sample, text) == 1.0, text
+    assert caches.kv_report(caches.output_cache(out))["saved"] > 0.6
+
+
 def test_remove_restores_real_model_bit_for_bit(smollm2, passkey):
     model, _ = smollm2
     _, enc = passkey

@@ -169,6 +169,31 @@ class RingLayer(DynamicLayer):
         self.values[bi, s] = v[bi, hi, ti]
         self.pos[bi, s] = p[bi, hi, ti]
 
+    def set_pins(self, counts: list[int], keep_ring: bool = True) -> None:
+        """Resize each compressed KV head's pinned slots to `counts[h]` (per-head budgets, `kvzip`), moving its
+        ring after them (or emptying it: `keep_ring=False`, when the pins take over what it held); the new
+        pinned slots start empty (filled by `pin`)."""
+        new = [0 if r < 0 else int(c) for r, c in zip(self.ring, counts, strict=True)]
+        old = (self.keys, self.values, self.pos, self.offsets, self.caps, self.pins)
+        caps = [
+            c if r < 0 else s + k + r for s, k, r, c in zip(self.sink, new, self.ring, self.caps, strict=True)
+        ]
+        self.pos = None  # _layout: allocate only; the parts move below
+        self._layout(caps, *old[0].shape[::2], old[1].shape[-1], old[0], old[1])
+        self.pins = new
+        for h, (o_off, s, r) in enumerate(zip(old[3], self.sink, self.ring, strict=True)):
+            parts = (
+                [(0, 0, old[4][h])]
+                if r < 0
+                else [(0, 0, s), (s + old[5][h], s + new[h], r if keep_ring else 0)]
+            )
+            for src, dst, size in parts:
+                a, z = (
+                    slice(o_off + src, o_off + src + size),
+                    slice(self.offsets[h] + dst, self.offsets[h] + dst + size),
+                )
+                self.keys[:, z], self.values[:, z], self.pos[:, z] = old[0][:, a], old[1][:, a], old[2][:, a]
+
     def pin(self, index: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Keep the prompt's key slots `index` [B, Hkv, K] (K <= pins; -1 = none) of keys / values [B, Hkv, N, D]
         in each KV head's pinned slots. A pinned key is published at position 0, so every rule reads it like a

@@ -8,6 +8,7 @@ from .base import Method
 from .chunkkv import ChunkKV
 from .dense import Dense
 from .dhsa import DHSA
+from .kvzip import KVzip
 from .longheads import LongHeads
 from .moa import MoA
 from .moa_chunkkv import MoAChunkKV
@@ -30,6 +31,7 @@ REGISTRY: dict[str, type[Method]] = {
     SnapKV.name: SnapKV,
     ChunkKV.name: ChunkKV,
     MoAChunkKV.name: MoAChunkKV,
+    KVzip.name: KVzip,
 }
 
 
