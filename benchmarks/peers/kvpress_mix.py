@@ -10,9 +10,13 @@ scores them with llmpatch's rule and draws them beside llmpatch's methods. Resum
 - B (query-agnostic, kvpress's pipeline): the context is prefilled and compressed with the press, then the
   question runs over the compressed cache with positions that continue the context's, then greedy decoding.
 
-KV saved is measured on the final cache (mean kept tokens per layer against the tokens a dense cache holds);
-AdaKV and KVzip keep the full cache and mask evicted entries, so their figure is the nominal one (ratio x
-compressed tokens) and the line says so. Prefill attention computed is 1.0: kvpress prefills densely.
+KV saved is measured on the final cache (kept tokens over all layers against what the model's own cache holds:
+every token, or the last window - 1 on a layer with its own sliding window); AdaKV and KVzip keep the full cache
+and mask evicted entries, so their figure is the nominal one (ratio x compressed tokens on the layers the press
+compresses) and the line says so. Prefill attention computed is 1.0: kvpress prefills densely.
+Gemma-3 (text-only `Gemma3ForCausalLM`): kvpress applies its own Gemma-3 rule (written for
+`Gemma3ForConditionalGeneration`: compress only the global layers, the sliding ones keep the model's window) and
+the cache is the model's own (`DynamicCache(config=...)`, sliding layers bounded); KVzip refuses Gemma-3.
 
 Setup and run: benchmarks/peers/run_kvpress.sh (see benchmarks/RESULTS.md).
 """
@@ -48,6 +52,20 @@ PRESSES = {
     "kvzip": lambda r: KVzipPress(compression_ratio=r),
 }
 NOMINAL = (AdaKVPress, KVzipPress)  # they mask evicted entries instead of removing them
+GEMMA3_RULE = False  # set in main() for a Gemma-3 text model
+
+
+def gemma3_rule(model) -> bool:
+    """kvpress compresses only Gemma-3's global layers, for Gemma3ForConditionalGeneration; apply the same rule
+    to the text-only model (otherwise every sliding layer is cut too, and its window mask then reads the wrong
+    keys)."""
+    from kvpress.presses import base_press
+    from transformers import Gemma3ForCausalLM
+
+    if not isinstance(model, Gemma3ForCausalLM):
+        return False
+    base_press.Gemma3ForConditionalGeneration = (base_press.Gemma3ForConditionalGeneration, Gemma3ForCausalLM)
+    return True
 
 
 @torch.inference_mode()
@@ -66,7 +84,7 @@ def greedy(model, first_logits, cache, pos, max_new, eos):
 @torch.inference_mode()
 def run_one(model, tok, press, s, protocol, eos):
     ctx, q = s["context_ids"], s["question_ids"]
-    cache = DynamicCache()
+    cache = DynamicCache(config=model.config)
     t0 = time.perf_counter()
     if protocol == "A":
         with press(model):
@@ -86,9 +104,12 @@ def run_one(model, tok, press, s, protocol, eos):
         compressed = len(ctx)
     seconds = time.perf_counter() - t0
     dense_len = len(ctx) + len(q) + len(new) - 1  # the last token is never written
-    kept = sum(layer.keys.shape[2] for layer in cache.layers) / len(cache.layers)
+    windows = [getattr(layer, "sliding_window", None) for layer in cache.layers]
+    own = [dense_len if w is None else min(dense_len, w - 1) for w in windows]
+    kept = sum(layer.keys.shape[2] for layer in cache.layers)
     nominal = isinstance(press, NOMINAL)
-    saved = press.compression_ratio * compressed / dense_len if nominal else 1 - kept / dense_len
+    pressed = sum(w is None for w in windows) if GEMMA3_RULE else len(windows)  # layers the press compresses
+    saved = press.compression_ratio * compressed * pressed / sum(own) if nominal else 1 - kept / sum(own)
     return {
         "output": tok.decode(new, skip_special_tokens=True),
         "kv_saved": saved,
@@ -123,6 +144,8 @@ def main():
         args.model_dir, dtype=torch.float32, attn_implementation="sdpa"
     )
     model.eval()
+    global GEMMA3_RULE
+    GEMMA3_RULE = gemma3_rule(model)
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     meta = {
