@@ -97,6 +97,19 @@ def test_bench_accuracy_runs_both_protocols_resumes_and_reports(smollm2, tmp_pat
     assert meta["protocol"] == "A" and meta["params"]["tail"] == 8
 
 
+def test_table_groups_by_target_best_first_and_marks_nominal_figures():
+    def row(label, proto, acc, saved, nominal=False):
+        return {"label": label, "protocol": proto, "n": 30, "accuracy": acc, "ci95": [acc, acc],
+                "kv_saved": saved, "prefill_computed": 1.0, "seconds": 1.0, "toolkit": "t",
+                "by_family": {"niah_number": acc}, "nominal": nominal}  # fmt: skip
+
+    rows = [row("a-67", "A", 0.2, 0.70), row("kvpress-b-67", "A", 0.9, 0.62, True), row("c-50", "A", 0.5, 0.55),
+            row("dense", "A", 1.0, 0.0), row("a-67", "B", 0.1, 0.69)]  # fmt: skip
+    lines = accuracy.markdown(rows).splitlines()[2:]
+    assert [x.split(" | ")[1] for x in lines] == ["dense", "c-50", "kvpress-b-67", "a-67", "a-67"]
+    assert "62.0%*" in lines[2] and "70.0% |" in lines[3]
+
+
 def test_bad_recipes_name_the_key(tmp_path):
     cases = {
         "model: m\nmix: {split: train}\n": "mix.split",
