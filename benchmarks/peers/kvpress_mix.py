@@ -172,7 +172,11 @@ def main():
                 for s in samples:
                     if s["seed"] in have:
                         continue
-                    rec = run_one(model, tok, PRESSES[name](ratio), s, proto, eos)
+                    try:
+                        rec = run_one(model, tok, PRESSES[name](ratio), s, proto, eos)
+                    except Exception as exc:  # noqa: BLE001 - a press that does not run on this model
+                        print(f"{label} {proto}: kvpress failed on this model, skipped: {exc!r}", flush=True)
+                        break
                     line = {
                         "label": label,
                         "protocol": proto,
