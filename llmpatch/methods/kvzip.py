@@ -58,11 +58,11 @@ class KVzip(Method):
         for i in self._managed:  # the prompt attends densely (tail = all); the cache keeps sink + pins + ring
             layers[i].set_static(self.name, torch.full((h,), self.sink), torch.full((h,), self.window), 2**62)
             layers[i].claim(Kind.HEAD_MASK, self.name)  # the ring cache path does not apply it yet
-        for layer in (
-            layers
-        ):  # every layer's prompt keys feed the scoring passes (own sliding layers stay as they are)
+        for (
+            layer
+        ) in layers:  # every layer's prompt keys feed the repeat passes (sliding ones keep their cache)
             layer.select = self._stash
-        self._layers, self._stashed, self._busy = layers, {}, False
+        self._layers, self._stashed, self._busy, self._lead_ids = layers, {}, False, None
 
     def install(self, model, spec, layers):
         from ..caches import output_cache, ring
@@ -128,9 +128,11 @@ class KVzip(Method):
         assistant turn's opening after either."""
         if self.instruction is not None:
             return list(self.instruction), list(self.instruction), []
-        tok = _tokenizer(inner)
-        first, later = (tok.encode(t, add_special_tokens=False) for t in INSTRUCTION)
-        return first, later, _assistant_prefix(tok)
+        if self._lead_ids is None:  # the tokenizer is read once per patch
+            tok = _tokenizer(inner)
+            first, later = (tok.encode(t, add_special_tokens=False) for t in INSTRUCTION)
+            self._lead_ids = first, later, _assistant_prefix(tok)
+        return self._lead_ids
 
     def _score(self, inner, ids, stash, lead, spec) -> torch.Tensor:
         """[managed layers, Hkv, N]: each prompt token's importance from the repeat passes (one row)."""
