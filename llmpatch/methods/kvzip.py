@@ -58,9 +58,7 @@ class KVzip(Method):
         for i in self._managed:  # the prompt attends densely (tail = all); the cache keeps sink + pins + ring
             layers[i].set_static(self.name, torch.full((h,), self.sink), torch.full((h,), self.window), 2**62)
             layers[i].claim(Kind.HEAD_MASK, self.name)  # the ring cache path does not apply it yet
-        for (
-            layer
-        ) in layers:  # every layer's prompt keys feed the repeat passes (sliding ones keep their cache)
+        for layer in layers:  # every layer's prompt keys feed the repeat passes
             layer.select = self._stash
         self._layers, self._stashed, self._busy, self._lead_ids = layers, {}, False, None
 
