@@ -274,7 +274,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def report(folder: Path, title: str = "") -> list[str]:
-    """summary.md, summary.json and accuracy_vs_kv.png for the records in `folder`; returns the files."""
+    """summary.md, summary.json (every row, with its n) and accuracy_vs_kv.png (complete points) for the records
+    in `folder`; returns the files."""
     rows = summarize(folder)
     (folder / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     (folder / "summary.md").write_text(markdown(rows) + "\n")
@@ -283,6 +284,7 @@ def report(folder: Path, title: str = "") -> list[str]:
         from .plots import accuracy_vs_kv
     except ImportError:
         return files
-    if accuracy_vs_kv(rows, folder / "accuracy_vs_kv.png", title=title):
+    most = max((r["n"] for r in rows), default=0)  # the plot draws complete points only (a sweep resumes)
+    if accuracy_vs_kv([r for r in rows if r["n"] == most], folder / "accuracy_vs_kv.png", title=title):
         files.append("accuracy_vs_kv.png")
     return files
