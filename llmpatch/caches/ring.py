@@ -76,9 +76,8 @@ class RingLayer(DynamicLayer):
         self.ring = torch.where(full, -1, window.max(-1).values + STEP - 1).tolist()
         own = self.decision.sliding_window
         if own is not None:  # nothing older than the model's own window is read: a ring of it holds every key
-            cap = (
-                own + STEP - 1
-            )  # a head seen (sink included), so keep sink + ring only where that is smaller
+            # a head's sink + ring is kept only where it is smaller than that ring
+            cap = own + STEP - 1
             wide = [r < 0 or s + r >= cap for s, r in zip(self.sink, self.ring, strict=True)]
             self.sink = [0 if w else s for s, w in zip(self.sink, wide, strict=True)]
             self.ring = [cap if w else r for r, w in zip(self.ring, wide, strict=True)]
@@ -174,25 +173,20 @@ class RingLayer(DynamicLayer):
         ring after them (or emptying it: `keep_ring=False`, when the pins take over what it held); the new
         pinned slots start empty (filled by `pin`)."""
         new = [0 if r < 0 else int(c) for r, c in zip(self.ring, counts, strict=True)]
-        old = (self.keys, self.values, self.pos, self.offsets, self.caps, self.pins)
-        caps = [
-            c if r < 0 else s + k + r for s, k, r, c in zip(self.sink, new, self.ring, self.caps, strict=True)
-        ]
+        keys, values, pos, offsets, caps, pins = self.keys, self.values, self.pos, self.offsets, self.caps, self.pins  # fmt: skip
         self.pos = None  # _layout: allocate only; the parts move below
-        self._layout(caps, *old[0].shape[::2], old[1].shape[-1], old[0], old[1])
+        self._layout([c if r < 0 else s + k + r for s, k, r, c in zip(self.sink, new, self.ring, caps, strict=True)],
+                     keys.shape[0], keys.shape[2], values.shape[2], keys, values)  # fmt: skip
         self.pins = new
-        for h, (o_off, s, r) in enumerate(zip(old[3], self.sink, self.ring, strict=True)):
+        for h, (s, r) in enumerate(zip(self.sink, self.ring, strict=True)):
+            # (from, to, size) within the segment: all of a full head; else the sink, then the ring after the pins
             parts = (
-                [(0, 0, old[4][h])]
-                if r < 0
-                else [(0, 0, s), (s + old[5][h], s + new[h], r if keep_ring else 0)]
+                [(0, 0, caps[h])] if r < 0 else [(0, 0, s), (s + pins[h], s + new[h], r if keep_ring else 0)]
             )
             for src, dst, size in parts:
-                a, z = (
-                    slice(o_off + src, o_off + src + size),
-                    slice(self.offsets[h] + dst, self.offsets[h] + dst + size),
-                )
-                self.keys[:, z], self.values[:, z], self.pos[:, z] = old[0][:, a], old[1][:, a], old[2][:, a]
+                a = slice(offsets[h] + src, offsets[h] + src + size)
+                z = slice(self.offsets[h] + dst, self.offsets[h] + dst + size)
+                self.keys[:, z], self.values[:, z], self.pos[:, z] = keys[:, a], values[:, a], pos[:, a]
 
     def pin(self, index: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Keep the prompt's key slots `index` [B, Hkv, K] (K <= pins; -1 = none) of keys / values [B, Hkv, N, D]

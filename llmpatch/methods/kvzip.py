@@ -189,7 +189,7 @@ def _scorer(scores, row, sink: int, lo: int, hi: int, n: int, tracker):
     """The profiler tap of one scoring pass: the layer's exact output and, on a managed layer (`row` of
     `scores`), each cached prompt key's importance: the max over the group's repeat queries of its probability
     among sink + chunk + repeat keys."""
-    from ..kernels import dispatch
+    from ..kernels import density, dispatch
 
     def tap(decision, q, k, v, scale, softcap):
         b, h, nq, d = q.shape
@@ -197,10 +197,11 @@ def _scorer(scores, row, sink: int, lo: int, hi: int, n: int, tracker):
         g = h // hkv
         out = dispatch.attention(q, k, v, backend=decision.backend, scale=scale, softcap=softcap,
                                  sliding_window=decision.sliding_window)[0]  # fmt: skip
-        if (
-            tracker is not None
-        ):  # the scoring's attention counts as computed, not as part of the dense prefill
-            tracker.add(h * (nq * (k.shape[2] - nq) + nq * (nq + 1) // 2), 0)
+        if tracker is not None:  # the scoring's scores count as computed, not in the dense prefill's total
+            seen = density.causal_count(
+                b, h, nq, k.shape[2], sliding_window=decision.sliding_window, device=q.device
+            )
+            tracker.add(seen, 0)
         if row is None:
             return out
         keys = torch.cat([k[:, :, : min(sink, lo)], k[:, :, lo:hi], k[:, :, n:]], 2).float()
