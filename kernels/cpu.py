@@ -261,8 +261,7 @@ def _attend(q, k, v, mask, scale, softcap, need_lse, prepared=None):
     g = h // hkv
     qg = q.reshape(b, hkv, g * rows, d).float()
     s = torch.matmul(qg, k.float().transpose(-1, -2)).view(b, hkv, g, rows, -1) * scale
-    if softcap is not None:
-        s = torch.tanh(s / softcap) * softcap
+    s = rules.soft_cap(s, softcap)
     m = mask.view(b, -1, 1, rows, mask.shape[-1]) if mask.shape[1] == 1 else mask.view(b, hkv, g, rows, -1)
     s = s.masked_fill(~m, float("-inf"))
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
@@ -297,7 +296,7 @@ def _flex(q, k, v, scale, softcap, start, key_padding, sliding_window, sink, win
         )
 
     def score_mod(score, bi, hi, qi, ki):
-        return torch.tanh(score / softcap) * softcap
+        return rules.soft_cap(score, softcap)
 
     qb_n = cdiv(nq, bs)
     if kv_count.shape[-1] != qb_n:

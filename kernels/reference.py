@@ -106,8 +106,7 @@ def attention(
     vv = v.repeat_interleave(h // hkv, dim=1).to(acc)
 
     scores = torch.matmul(q.to(acc), kk.transpose(-1, -2)) * scale
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
+    scores = rules.soft_cap(scores, softcap)
 
     qp, kp = query_key_positions(b, nq, nk, start=start, key_padding=key_padding, q_pos=q_pos, k_pos=k_pos,
                                  device=q.device)  # fmt: skip

@@ -34,6 +34,14 @@ def token_positions(b: int, nq: int, nk: int, start=None, key_padding=None, devi
     return q_pos, k_pos.clamp(min=EMPTY)
 
 
+# --- scores -----------------------------------------------------------------------------------------------------
+
+
+def soft_cap(scores, cap=None):
+    """The model's logit soft-capping (Gemma-2): cap * tanh(scores / cap); unchanged where cap is None."""
+    return scores if cap is None else torch.tanh(scores / cap) * cap
+
+
 # --- what a query may see ---------------------------------------------------------------------------------------
 
 

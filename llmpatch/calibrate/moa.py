@@ -123,7 +123,7 @@ def _probs(q, k, scale, softcap, sliding_window, rows=None, keys=None):
     """Probabilities [B, G, R, K] (fp32) of query rows `rows` over key positions `keys`, and the pre-softcap
     scores (for the backward)."""
     s0 = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    s = torch.tanh(s0 / softcap) * softcap if softcap is not None else s0
+    s = rules.soft_cap(s0, softcap)
     rows = torch.arange(q.shape[-2], device=q.device) if rows is None else rows
     keys = torch.arange(k.shape[-2], device=q.device) if keys is None else keys
     allowed = rules.visible(rows[:, None], keys[None, :], sliding_window)

@@ -44,9 +44,7 @@ def last_row_scores(query, key, mask, decision, scale, softcap=None) -> torch.Te
     scores = torch.einsum("bkgd,bknd->bkgn", q, key.float()) * (scale if scale is not None else d**-0.5)
     q_pos, k_pos = rules.token_positions(b, 1, nk, mask.start, mask.key_padding, key.device)
     invalid = ~rules.visible(q_pos, k_pos, decision.sliding_window)  # [B, Nk]
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    return scores.masked_fill_(invalid[:, None, None, :], float("-inf"))
+    return rules.soft_cap(scores, softcap).masked_fill_(invalid[:, None, None, :], float("-inf"))
 
 
 class _Recorder:

@@ -27,6 +27,7 @@ import torch
 
 from ..decisions import Kind
 from ..errors import ParameterError
+from ..kernels import rules
 from .base import Method, param
 
 INSTRUCTION = ("\n\nRepeat the previous context exactly.",
@@ -213,8 +214,7 @@ def _scorer(scores, row, sink: int, lo: int, hi: int, n: int, tracker):
                 @ keys[0, kv].T
                 * (scale if scale is not None else d**-0.5)
             )
-            if softcap is not None:
-                logits = torch.tanh(logits / softcap) * softcap
+            logits = rules.soft_cap(logits, softcap)
             logits[..., -nq:] = logits[..., -nq:].masked_fill(~causal, float("-inf"))
             probs = logits.softmax(-1)[..., s : s + hi - lo]
             scores[row, kv, lo:hi] = probs.amax(dim=(0, 1)).cpu()

@@ -76,8 +76,7 @@ class SnapKV(ElasticSinkWindow):
             q[:, :, n - t :].float(), k.float().repeat_interleave(h // hkv, 1).transpose(-1, -2)
         )
         logits = logits * (scale if scale is not None else d**-0.5)
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
+        logits = rules.soft_cap(logits, softcap)
         seen = rules.visible(q_pos[:, None, :, None], k_pos[:, None, None, :])
         probs = torch.softmax(logits.masked_fill(~seen, float("-inf")), -1).nan_to_num(0.0)
         scores = probs.sum(2).view(b, hkv, h // hkv, n).sum(2)  # [B, Hkv, N]

@@ -88,8 +88,7 @@ def _chunk_keys(q, k, v, cos, sin, scale, softcap):
     qt = rotate(q.float(), cos, sin).view(b, hkv, h // hkv, c, w, d)
     kt = rotate(k.float(), cos, sin)
     s = torch.einsum("bkgcid,bkcjd->bkgcij", qt, kt) * scale
-    if softcap is not None:
-        s = torch.tanh(s / softcap) * softcap
+    s = rules.soft_cap(s, softcap)
     vbar = torch.einsum("bkgcij,bkcjd->bkgcd", torch.softmax(s, -1), v.float()) / w
     s2 = torch.einsum("bkgcd,bkcjd->bkgcj", vbar, kt) * scale
     return torch.einsum("bkgcj,bkcjd->bkgcd", torch.softmax(s2, -1), kt).reshape(b, h, c, d)
@@ -239,8 +238,7 @@ def _attend(q, k, v, allowed, scale, softcap):
     """Attention over gathered keys: q [N, H, R, D], k/v [N, H, L, D], allowed [N, 1, R, L]."""
     if softcap is None:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    s = torch.tanh(s / softcap) * softcap
+    s = rules.soft_cap(torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale, softcap)
     p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1)
     return torch.matmul(p, v.float()).to(q.dtype)
 
