@@ -112,13 +112,15 @@ class LayerDecision:
         self.head_mask.modes[head] = HEAD_MODES[mode]
         self.head_mask.prefill = prefill
 
-    def has_pattern(self) -> bool:
-        """Whether any head narrows its keys: a python-level fact recomputed only when `window` is replaced or
-        edited in place (tensor versions), so a decode step pays no tensor reduction for it in every layer."""
+    def narrowest_window(self) -> int | None:
+        """The smallest window among the heads that have one (None: no head narrows its keys): a python-level fact
+        recomputed only when `window` is replaced or edited in place (tensor versions), so a decode step pays no
+        tensor reduction for it in every layer."""
         key = (id(self.window), self.window._version)
         if getattr(self, "_pattern_key", None) != key:
-            self._pattern_key, self._pattern = key, bool((self.window >= 0).any())
-        return self._pattern
+            limited = self.window[self.window >= 0]
+            self._pattern_key, self._narrowest = key, int(limited.min()) if limited.numel() else None
+        return self._narrowest
 
     def take_key_positions(self, key: torch.Tensor) -> KeyPositions | None:
         """The positions a cache published for this call (once), checked against the key it returned."""
