@@ -24,6 +24,7 @@ Setup and run: benchmarks/peers/run_kvpress.sh (see benchmarks/RESULTS.md).
 import argparse
 import json
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -120,6 +121,17 @@ def run_one(model, tok, press, s, protocol, eos):
     }
 
 
+def _commit() -> str | None:
+    """The llmpatch checkout's commit, under the key llmpatch's own runs use (llmpatch.meta.git_commit)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True
+        )
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -154,6 +166,7 @@ def main():
         "transformers": transformers.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "git_commit": _commit(),
         "argv": sys.argv,
     }
     for name in args.presses.split(","):
