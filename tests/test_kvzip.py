@@ -46,13 +46,13 @@ def test_scores_are_the_repeat_queries_max_attention():
     model.set_attn_implementation("sdpa")
 
 
-@pytest.mark.parametrize("layerwise", [False, True])
-def test_budget_is_model_wide_with_per_head_counts(layerwise):
+@pytest.mark.parametrize("layerwise,decode", [(False, None), (True, None), (False, 7)])
+def test_budget_is_model_wide_with_per_head_counts(layerwise, decode):
     model = tiny_model("llama")
     x = torch.tensor([PROMPTS[0] * 3])  # 60 tokens
     n, ratio, sink, window = x.shape[1], 0.6, 2, 4
     with llmpatch.patched(model, "kvzip", ratio=ratio, sink=sink, window=window, instruction=LEAD,
-                          layerwise=layerwise):  # fmt: skip
+                          layerwise=layerwise, decode=decode):  # fmt: skip
         out = model.generate(
             x, max_new_tokens=3, min_new_tokens=3, do_sample=False, return_dict_in_generate=True
         )
@@ -66,9 +66,30 @@ def test_budget_is_model_wide_with_per_head_counts(layerwise):
         assert max(per_layer) - min(per_layer) <= 1
     assert len({k for row in kept for k in row}) > 1  # heads keep different numbers
     slots = sum(c for layer in cache.layers for c in layer.caps)
-    assert slots == sum(per_layer) + spec.num_layers * spec.num_kv_heads * window  # real eviction: no more
+    ring = decode or window
+    assert slots == sum(per_layer) + spec.num_layers * spec.num_kv_heads * ring  # real eviction: no more
     report = caches.kv_report(cache)
     assert report["saved"] == pytest.approx(1 - slots / (spec.num_layers * spec.num_kv_heads * (n + 2)))
+
+
+@pytest.mark.parametrize("decode,kept", [(None, False), (16, True)])
+def test_a_question_after_the_compression_stays_while_answering(decode, kept):
+    """Protocol B: the context is compressed, a 10-token question comes through the cache, then 5 answer tokens.
+    A decode ring of 16 holds all 15; the default (window 4) keeps only the last 4."""
+    model = tiny_model("llama")
+    ctx, question = torch.tensor([PROMPTS[0] * 3]), torch.tensor([PROMPTS[0][:10]])
+    n = ctx.shape[1]
+    with torch.no_grad(), llmpatch.patched(model, "kvzip", ratio=0.6, sink=2, window=4, decode=decode,
+                                           instruction=LEAD):  # fmt: skip
+        cache = caches.output_cache(model(ctx, use_cache=True))
+        out = model(question, past_key_values=cache, use_cache=True)
+        ids = out.logits[:, -1:].argmax(-1)
+        for _ in range(5):
+            ids = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    after = set(range(n, n + 15))
+    for layer in cache.layers:
+        held = set(layer.pos[0].tolist())
+        assert after <= held if kept else len(after & held) == 4
 
 
 def test_bad_kvzip_input_leaves_model_untouched():

@@ -8,13 +8,15 @@ attention probability any reconstruction query of its group gives it, the softma
 being repeated and the repeat itself (the paper's). The `ratio` of the prompt's KV entries with the lowest
 importance are evicted model-wide, so layers and KV heads keep different numbers (the paper's non-uniform
 budgets); the first `sink` and the last `window` prompt tokens are always kept. Each KV head also has a ring of
-`window` slots for what decoding adds (outside the ratio, as kvpress appends; KV saved counts it). The kept tokens are pinned in the per-KV-head ring cache
+`decode` slots (default: `window`) for what comes after the prompt, a later question and the answer (outside the
+ratio, as kvpress appends; KV saved counts it). The kept tokens are pinned in the per-KV-head ring cache
 (`RingLayer.set_pins`), so the memory is really freed (kvpress's KVzipPress masks them instead).
 
-Defaults: ratio 0.67, sink 4 (the paper's), window 64, chunk 2048 (the paper's), layerwise false.
-Departures: decoding keeps its last `window` tokens (the paper keeps all); each row of a batch is scored alone
-(its own budget, as batch 1); the repeat covers the whole prompt after the sink (the paper skips the chat
-template's system prefix); layers with the model's own sliding window keep their own cache (their keys still
+Defaults: ratio 0.67, sink 4 (the paper's), window 64, decode = window, chunk 2048 (the paper's), layerwise false.
+Departures: what comes after the prompt keeps its last `decode` tokens (the paper keeps all; a question asked
+after the compression plus its answer must fit, or the question's start is dropped while answering); each row
+of a batch is scored alone (its own budget, as batch 1); the repeat covers the whole prompt after the sink (the
+paper skips the chat template's system prefix); layers with the model's own sliding window keep their own cache (their keys still
 feed the repeat passes). The scoring passes cost about three times the prefill's attention again; `prefill
 attention computed` counts them (docs/METHODS.md §9).
 """
@@ -45,9 +47,9 @@ class KVzip(Method):
     ratio: float = param(0.67, "a number in [0, 1) (share of the prompt's KV entries evicted, model-wide)",
                          lambda v: 0 <= v < 1)  # fmt: skip
     sink: int = param(4, "an int >= 1", lambda v: v >= 1)
-    window: int = param(
-        64, "an int >= 1 (recent tokens kept, and the ring decoding writes into)", lambda v: v >= 1
-    )
+    window: int = param(64, "an int >= 1 (the last prompt tokens always kept)", lambda v: v >= 1)
+    decode: int | None = param(None, "null (= window) or an int >= 1 (ring slots for the tokens after the prompt: "
+                               "a later question, the answer)", lambda v: v is None or v >= 1)  # fmt: skip
     chunk: int = param(2048, "an int >= 1 (prompt tokens repeated per scoring pass)", lambda v: v >= 1)
     layerwise: bool = param(False, "false (one budget for the model) or true (the same share in every layer)")
     instruction: list | None = param(None, "null (the model's tokenizer encodes the paper's instruction and chat "
@@ -57,7 +59,8 @@ class KVzip(Method):
         h = spec.num_heads
         self._managed = [i for i in range(spec.num_layers) if spec.sliding_window[i] is None]
         for i in self._managed:  # the prompt attends densely (tail = all); the cache keeps sink + pins + ring
-            layers[i].set_static(self.name, torch.full((h,), self.sink), torch.full((h,), self.window), 2**62)
+            ring = torch.full((h,), self.decode or self.window)
+            layers[i].set_static(self.name, torch.full((h,), self.sink), ring, 2**62)
             layers[i].claim(Kind.HEAD_MASK, self.name)  # the ring cache path does not apply it yet
         for layer in layers:  # every layer's prompt keys feed the repeat passes
             layer.select = self._stash
