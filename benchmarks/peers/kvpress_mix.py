@@ -179,12 +179,13 @@ def main():
                     if path.is_file()
                     else set()
                 )
-                (out / f"{label}.{proto}.meta.json").write_text(
-                    json.dumps({**meta, "press": name, "ratio": ratio, "protocol": proto}, indent=2) + "\n"
-                )
-                for s in samples:
-                    if s["seed"] in have:
-                        continue
+                todo = [s for s in samples if s["seed"] not in have]
+                if todo:  # a complete point keeps the metadata of the run that wrote it
+                    (out / f"{label}.{proto}.meta.json").write_text(
+                        json.dumps({**meta, "press": name, "ratio": ratio, "protocol": proto}, indent=2)
+                        + "\n"
+                    )
+                for s in todo:
                     try:
                         rec = run_one(model, tok, PRESSES[name](ratio), s, proto, eos)
                     except Exception as exc:  # noqa: BLE001 - a press that does not run on this model
