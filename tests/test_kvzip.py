@@ -82,10 +82,12 @@ def test_a_question_after_the_compression_stays_while_answering(decode, kept):
     with torch.no_grad(), llmpatch.patched(model, "kvzip", ratio=0.6, sink=2, window=4, decode=decode,
                                            instruction=LEAD):  # fmt: skip
         cache = caches.output_cache(model(ctx, use_cache=True))
-        out = model(question, past_key_values=cache, use_cache=True)
+        out = model(question, use_cache=True, **{caches.cache_argument(model): cache})
         ids = out.logits[:, -1:].argmax(-1)
         for _ in range(5):
-            ids = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            ids = (
+                model(ids, use_cache=True, **{caches.cache_argument(model): cache}).logits[:, -1:].argmax(-1)
+            )
     after = set(range(n, n + 15))
     for layer in cache.layers:
         held = set(layer.pos[0].tolist())
