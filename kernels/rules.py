@@ -53,6 +53,12 @@ def visible(qp, kp, sliding_window=None):
     return keep
 
 
+def narrows(window, nk: int):
+    """Whether a window (-1: unlimited) drops any key of a call over `nk` contiguous keys, whose largest
+    query-key distance is nk - 1; one that does not keeps every key, so the call is dense."""
+    return (window >= 0) & (window < nk)
+
+
 def in_pattern(qp, kp, sink, window):
     """The per-head static pattern: the first `sink` positions, or the last `window` (the query included);
     window < 0 is unlimited."""

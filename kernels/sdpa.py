@@ -29,7 +29,7 @@ def attention(
     scale = d**-0.5 if scale is None else scale
     gqa = h != hkv
     # A window reaching every key restricts nothing: such heads take the plain causal path.
-    has_pattern = sink is not None and window is not None and bool(((window >= 0) & (window < nk)).any())
+    has_pattern = sink is not None and window is not None and bool(rules.narrows(window, nk).any())
     padded = key_padding is not None or (start is not None and bool((start > 0).any()))
     if not (has_pattern or padded or sliding_window is not None) and nq in (1, nk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=nq > 1, scale=scale, enable_gqa=gqa)

@@ -131,7 +131,7 @@ def llmpatch_attention(
         kw.update(start=mask.start, key_padding=mask.key_padding)
     tail = 0
     narrowest = decision.narrowest_window()
-    if narrowest is not None and (positions is not None or narrowest < nk):  # else it keeps every key: dense
+    if narrowest is not None and (positions is not None or rules.narrows(narrowest, nk)):  # else: dense
         kw.update(sink=decision.sink.to(query.device), window=decision.window.to(query.device))
         tail = min(decision.tail, nq) if prefill else 0
     if decision.head_mask is not None:

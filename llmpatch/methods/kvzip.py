@@ -16,8 +16,8 @@ Defaults: ratio 0.67, sink 4 (the paper's), window 64, decode = window, chunk 20
 Departures: what comes after the prompt keeps its last `decode` tokens (the paper keeps all; a question asked
 after the compression plus its answer must fit, or the question's start is dropped while answering); each row
 of a batch is scored alone (its own budget, as batch 1); the repeat covers the whole prompt after the sink (the
-paper skips the chat template's system prefix); layers with the model's own sliding window keep their own cache (their keys still
-feed the repeat passes). The scoring passes cost about three times the prefill's attention again; `prefill
+paper skips the chat template's system prefix); layers with the model's own sliding window keep their own cache
+(their keys still feed the repeat passes). The scoring passes cost about three times the prefill's attention again; `prefill
 attention computed` counts them (docs/METHODS.md §9).
 """
 
