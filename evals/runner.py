@@ -15,6 +15,7 @@ import llmpatch
 from llmpatch.errors import ParameterError
 from llmpatch.measure import answer_logprob, generate_timed
 from llmpatch.meta import run_metadata
+from llmpatch.sharding import is_main_process
 
 from .haystack import Haystack
 from .suites import Suite, get_suite
@@ -199,7 +200,6 @@ def write_report(results: list[dict], out: Path, *, model: str, extra_meta: dict
     """results.json (with metadata), summary.md, and plots (accuracy vs length, NIAH heatmaps)."""
     from . import plots
 
-    out.mkdir(parents=True, exist_ok=True)
     rows = [r for res in results for r in summary_rows(res)]
     payload = {
         "model": model,
@@ -207,6 +207,9 @@ def write_report(results: list[dict], out: Path, *, model: str, extra_meta: dict
         "results": results,
         "metadata": run_metadata(**(extra_meta or {})),
     }
+    if not is_main_process():  # under torchrun rank 0 writes
+        return {**payload, "files": []}
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out / "summary.md").write_text(markdown_table(rows) + "\n")
     files = plots.write_all(results, out, model=model)

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 from torch import nn
 
 from .errors import UnsupportedModelError
+from .sharding import Shard
+from .sharding import detect as detect_shard
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,15 @@ class ModelSpec:
     max_position_embeddings: int | None
     sliding_window: list[int | None]  # per layer; None = full attention
     attention_paths: list[str] = field(default_factory=list)  # module path per layer, in layer order
+    shard: Shard | None = None  # this rank's heads of a tensor-parallel model (None: every head)
+
+    @property
+    def local_kv_heads(self) -> int:
+        """The KV heads this process holds (all of them unless the model is tensor-parallel)."""
+        return self.num_kv_heads // (1 if self.shard is None else self.shard.size)
+
+    def local_kv_slice(self) -> slice:
+        return slice(0, self.num_kv_heads) if self.shard is None else self.shard.heads(self.num_kv_heads)
 
     def fingerprint(self) -> dict:
         """Config fields a plan must match; the hash covers them all."""
@@ -70,7 +81,8 @@ class ModelSpec:
         return {**fields, "hash": digest}
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**out, "shard": None if self.shard is None else self.shard.describe()}
 
 
 def _text_config(model: nn.Module):
@@ -129,6 +141,7 @@ def detect(model: nn.Module) -> ModelSpec:
         max_position_embeddings=getattr(config, "max_position_embeddings", None),
         sliding_window=[int(w) if w else None for w in windows],
         attention_paths=[name for name, _ in modules],
+        shard=detect_shard(model, first, num_heads, num_kv_heads),
     )
 
 

@@ -114,6 +114,8 @@ def llmpatch_attention(
             "attention_mask: llmpatch takes 2D padding masks only (shape [batch, length]); "
             f"got a prepared {type(attention_mask).__name__} of shape {tuple(attention_mask.shape)}"
         )
+    if query.shape[1] != decision.num_heads:
+        _refuse_sharding(decision, query.shape[1])
     mask = attention_mask or CompactMask(0, None, None)
     b, h, nq, _ = query.shape
     nk = key.shape[2]
@@ -165,6 +167,19 @@ def llmpatch_attention(
     if prefill and sinks is not None and calibration is not None:
         calibration.remember(mask, sinks)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _refuse_sharding(decision, heads: int):
+    held = (
+        "every head"
+        if decision.shard is None
+        else f"{decision.num_heads} heads ({decision.shard.describe()})"
+    )
+    raise PatchStateError(
+        f"sharding: layer {decision.layer} was patched for {held} but its attention got {heads} query heads; the "
+        "model is sharded in a way llmpatch did not detect (it follows transformers' tp_plan='auto'). Patch the "
+        "model after it is sharded, with the same tensor-parallel layout on every rank"
+    )
 
 
 def _dense_tail(query, key, value, tail: int, backend, kw):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -18,8 +19,9 @@ app = typer.Typer(
 )
 models_app = typer.Typer(no_args_is_help=True, help="Built-in model aliases (PyPI GGUF packages).")
 app.add_typer(models_app, name="models")
-console = Console()
-err = Console(stderr=True)
+_quiet = os.environ.get("RANK", "0") != "0"  # under torchrun rank 0 prints (and writes files)
+console = Console(quiet=_quiet)
+err = Console(stderr=True, quiet=_quiet)
 
 
 def _fail(message: str, code: int = 2):
@@ -45,6 +47,44 @@ def parse_sets(items: list[str]) -> dict:
         else:
             out[key] = value
     return out
+
+
+DEVICE_MAP_HELP = (
+    "accelerate placement: auto, a device (cpu, cuda:0) or a JSON {module: device} (README Scaling out)"
+)
+MAX_MEMORY_HELP = "with --device-map: memory per device, e.g. 0=20GiB,cpu=60GiB"
+
+
+def placement(device_map: str | None, max_memory: str | None) -> dict:
+    """load_model keywords: tensor parallel when started by torchrun with more than one rank, else the
+    accelerate placement asked for (none by default)."""
+    from .sharding import world_size
+
+    kw: dict = {}
+    if device_map is not None:
+        if world_size() > 1:
+            raise ParameterError(
+                "--device-map: not under torchrun, whose ranks shard the model by heads instead"
+            )
+        if device_map.strip().startswith("{"):
+            try:
+                kw["device_map"] = json.loads(device_map)
+            except json.JSONDecodeError as exc:
+                raise ParameterError(f"--device-map: not valid JSON ({exc.msg}): {device_map!r}") from None
+        else:
+            kw["device_map"] = device_map
+    elif world_size() > 1:
+        kw["tp_plan"] = "auto"
+    if max_memory is not None:
+        if device_map is None:
+            raise ParameterError("--max-memory: give it with --device-map (e.g. --device-map auto)")
+        pairs = [x.split("=", 1) for x in max_memory.split(",") if x.strip()]
+        if not pairs or any(len(p) != 2 or not p[1].strip() for p in pairs):
+            raise ParameterError(
+                f"--max-memory: expected device=size pairs like 0=20GiB,cpu=60GiB, got {max_memory!r}"
+            )
+        kw["max_memory"] = {int(k) if k.strip().isdigit() else k.strip(): v.strip() for k, v in pairs}
+    return kw
 
 
 @app.command("methods")
@@ -134,6 +174,8 @@ def apply_cmd(
     raw: bool = typer.Option(False, "--raw", help="do not wrap the prompt in the chat template"),
     save_plan: Path = typer.Option(None, "--save-plan", help="write the applied plan here"),
     json_out: Path = typer.Option(None, "--json", help="write outputs, timings and metadata as JSON"),
+    device_map: str = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
+    max_memory: str = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
 ):
     """Generate with a patched model (and, with --compare, with the unpatched one)."""
     from . import apply
@@ -148,7 +190,7 @@ def apply_cmd(
         _fail("prompt: is empty; pass --prompt TEXT or --prompt-file FILE with some text")
     try:
         overrides = parse_sets(sets)
-        m, tok = load_model(model, progress=err.print)
+        m, tok = load_model(model, progress=err.print, **placement(device_map, max_memory))
         text = _templated(tok, prompt, raw)
         runs = {}
         if compare:
@@ -157,7 +199,7 @@ def apply_cmd(
         try:
             label = "+".join(method)
             runs[label] = generate_timed(m, tok, text, max_new_tokens)
-            if save_plan is not None:
+            if save_plan is not None and not _quiet:
                 patch.save(save_plan)
             description = patch.describe()
         finally:
@@ -174,7 +216,7 @@ def apply_cmd(
         mem = f"{r.peak_memory_mb:.0f}" if r.peak_memory_mb else "-"
         table.add_row(name, r.text.strip(), f"{r.ttft_s:.2f}", rate, mem)
     console.print(table)
-    if json_out is not None:
+    if json_out is not None and not _quiet:
         from .meta import run_metadata
 
         payload = {"runs": {k: v.to_dict() for k, v in runs.items()}, "metadata": run_metadata()}
@@ -231,6 +273,8 @@ def run_cmd(
     logprob: bool = typer.Option(
         True, "--logprob/--no-logprob", help="also score the answer's log-probability (a second forward)"
     ),
+    device_map: str = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
+    max_memory: str = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
 ):
     """Run one suite on the unpatched model and, with --method, on the patched one."""
     from rich.progress import Progress
@@ -250,7 +294,7 @@ def run_cmd(
             if method
             else []
         )
-        m, tok = load_model(model, progress=err.print)
+        m, tok = load_model(model, progress=err.print, **placement(device_map, max_memory))
         with Progress(console=err) as progress:
             result = run_suite(m, tok, suite, lengths=length_list, samples=samples, depths=depth_list,
                                configs=configs, seed=seed, haystack=hay, progress=progress,
@@ -267,6 +311,8 @@ def run_cmd(
 def eval_cmd(
     recipe: Path = typer.Argument(..., help="recipe YAML (see recipes/)"),
     out: Path = typer.Option(None, "--out", help="output folder (default runs/<time>-<recipe>)"),
+    device_map: str = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
+    max_memory: str = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
 ):
     """Run a recipe: every suite on the dense baseline and every method; write tables, plots and JSON. A mix
     recipe (a `mix` key) runs as `llmpatch bench accuracy RECIPE`."""
@@ -285,7 +331,9 @@ def eval_cmd(
     try:
         r = load_recipe(recipe)
         hay = Haystack(r.haystack) if r.haystack else None
-        m, tok = load_model(r.model, dtype=r.dtype, device=r.device, progress=err.print)
+        m, tok = load_model(
+            r.model, dtype=r.dtype, device=r.device, progress=err.print, **placement(device_map, max_memory)
+        )
         check_methods(r, m)
         results = []
         with Progress(console=err) as progress:

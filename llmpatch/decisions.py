@@ -11,6 +11,8 @@ set by at most one method per layer:
 - CALIBRATION: `calibration` (ACT's `methods.act.Calibration`), which also keeps its prefill sink set.
 Observers that are not decisions sit in `taps` (sparsity tracker, calibration observer, MoA profiler). A cache
 that keeps tokens out of order hands the next call its key positions through `key_positions`.
+Methods set decisions in the model's global heads; on a tensor-parallel model `apply` then cuts every layer to
+its rank's heads (`localize`), and spans set later (per prompt) go through `set_spans`, which cuts them the same.
 """
 
 from __future__ import annotations
@@ -80,6 +82,9 @@ class LayerDecision:
     owners: dict = field(default_factory=dict)  # Kind -> method name, to refuse conflicting methods
     taps: Taps = field(default_factory=Taps)
     key_positions: KeyPositions | None = None  # set by a cache layer's update(), taken by the next call
+    shard: object | None = (
+        None  # sharding.Shard: the rank's heads of a tensor-parallel model (num_heads local)
+    )
 
     def __post_init__(self):
         if self.sink is None:
@@ -104,6 +109,29 @@ class LayerDecision:
         self.tail = int(tail)
         if self.tail:  # ACT's column sums need one call over the whole prompt
             self.claim(Kind.CALIBRATION, method)
+
+    def set_spans(self, sink: torch.Tensor, window: torch.Tensor) -> None:
+        """Replace the pattern's spans ([H] over the model's heads), e.g. per prompt for elastic spans."""
+        self.sink, self.window = self.local(sink), self.local(window)
+
+    def local(self, per_head: torch.Tensor) -> torch.Tensor:
+        """A tensor over the model's heads (first dim), cut to this rank's heads."""
+        if self.shard is None:
+            return per_head
+        return per_head[self.shard.heads(self.num_heads * self.shard.size)]
+
+    def localize(self, shard) -> None:
+        """Keep only the heads of rank `shard` (None: no-op): called once, after every method configured the layer
+        in the model's global heads."""
+        if shard is None:
+            return
+        cut = shard.heads(self.num_heads)
+        self.sink, self.window = self.sink[cut].clone(), self.window[cut].clone()
+        if self.head_mask is not None:
+            self.head_mask.modes = self.head_mask.modes[cut].clone()
+        if self.calibration is not None:
+            self.calibration.heads = self.calibration.heads[cut].clone()
+        self.num_heads, self.shard = cut.stop - cut.start, shard
 
     def mask_head(self, method: str, head: int, mode: str, prefill: bool) -> None:
         self.claim(Kind.HEAD_MASK, method)

@@ -24,6 +24,7 @@ def run_metadata(**extra) -> dict:
     import transformers
 
     from . import __version__
+    from .sharding import world_size
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
     return {
@@ -34,6 +35,7 @@ def run_metadata(**extra) -> dict:
         "python": platform.python_version(),
         "device": device,
         "threads": torch.get_num_threads(),
+        "world_size": world_size(),  # torchrun ranks (tensor parallel), 1 for one process
         "argv": sys.argv,
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **extra,

@@ -7,6 +7,7 @@ the safetensors copy offline. The cache is $LLMPATCH_CACHE or ~/.cache/llmpatch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -207,10 +208,17 @@ def load_model(
     trust_remote_code: bool = False,
     root: Path | None = None,
     progress=print,
+    tp_plan: str | dict | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | Path | None = None,
 ):
     """(model, tokenizer) in eval mode. Aliases are fetched once; anything else goes to from_pretrained.
 
-    The tokenizer pads on the left, as batched generation needs.
+    The tokenizer pads on the left, as batched generation needs. Scaling out (README "Scaling out"):
+    `tp_plan="auto"` under torchrun shards attention by heads over the ranks (transformers' tensor parallelism;
+    an alias is fetched by rank 0 while the others wait); `device_map` ("auto" or {module: device}),
+    `max_memory` and `offload_folder` place layers with accelerate, across devices, CPU and disk.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -222,8 +230,14 @@ def load_model(
             f"model: {name!r} is neither a built-in alias ({', '.join(ALIASES)}) nor a local path; "
             "HF hub ids have the form 'org/name'"
         )
-    path = fetch(name, root=root, progress=progress) if name in ALIASES else name
+    if tp_plan is not None and device_map is not None:
+        raise ModelFetchError(
+            "tp_plan: give tp_plan (tensor parallelism) or device_map (accelerate), not both"
+        )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    first = _distributed_first(device) if tp_plan is not None else contextlib.nullcontext()
+    with first:  # under tensor parallelism, rank 0 fetches an alias while the others wait
+        path = fetch(name, root=root, progress=progress) if name in ALIASES else name
     if dtype is None:
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
     elif isinstance(dtype, str):
@@ -232,7 +246,38 @@ def load_model(
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    placed = {k: v for k, v in (("tp_plan", tp_plan), ("device_map", device_map), ("max_memory", max_memory),
+                                ("offload_folder", offload_folder)) if v is not None}  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+        path,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+        **placed,
     )
-    return model.to(device).eval(), tokenizer
+    if tp_plan is None and device_map is None:
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _distributed_first(device: str):
+    """Start torch.distributed from torchrun's environment (gloo on CPU, nccl on CUDA) if it is not running, and
+    let rank 0 run the body before the other ranks."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise ModelFetchError(
+                "tp_plan: tensor parallelism runs one process per rank; start with "
+                "`torchrun --nproc_per_node N ...` (RANK / WORLD_SIZE are not set)"
+            )
+        dist.init_process_group(backend="gloo" if device == "cpu" else "nccl")
+    rank = dist.get_rank()
+    if rank != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if rank == 0:
+            dist.barrier()

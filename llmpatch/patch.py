@@ -155,6 +155,8 @@ def apply(
         ]
         for inst in instances:
             inst.configure(spec, layers)
+        for layer in layers:  # a tensor-parallel rank keeps its own heads (methods speak global heads)
+            layer.localize(spec.shard)
 
     # Validation is over: from here on the model changes, and any failure undoes it.
     attention.register()

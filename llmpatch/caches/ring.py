@@ -258,6 +258,6 @@ def install(model, spec, layers):
               if spec.sliding_window[i] is None or Kind.PATTERN in layers[i].owners]  # fmt: skip
 
     def make():
-        return {i: (lambda i=i: RingLayer(layers[i], spec.num_kv_heads)) for i in chosen}
+        return {i: (lambda i=i: RingLayer(layers[i], spec.local_kv_heads)) for i in chosen}
 
     return install_layers(model, make)

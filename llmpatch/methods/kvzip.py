@@ -30,6 +30,7 @@ import torch
 from ..decisions import Kind
 from ..errors import ParameterError
 from ..kernels import rules
+from ..sharding import all_gather_heads
 from .base import Method, param
 
 INSTRUCTION = ("\n\nRepeat the previous context exactly.",
@@ -112,8 +113,11 @@ class KVzip(Method):
             prompt = ids[row : row + 1, start:]
             stash = {i: (k[row : row + 1, :, start:], v[row : row + 1, :, start:]) for i, (k, v, _) in
                      self._stashed.items()}  # fmt: skip
-            chosen.append(self._choose(self._score(inner, prompt, stash, lead, spec)))
-        hkv = spec.num_kv_heads
+            scores = all_gather_heads(self._score(inner, prompt, stash, lead, spec), spec.shard, 1)
+            chosen.append(
+                self._choose(scores)[:, spec.local_kv_slice()]
+            )  # one model-wide budget on every rank
+        hkv = spec.local_kv_heads
         for j, i in enumerate(self._managed):
             k, v, _ = self._stashed[i]
             counts = [max(int(c[j, h].sum()) for c in chosen) for h in range(hkv)]
@@ -143,7 +147,7 @@ class KVzip(Method):
         from ..caches import cache_argument
 
         n = ids.shape[1]
-        scores = torch.zeros(len(self._managed), spec.num_kv_heads, n)
+        scores = torch.zeros(len(self._managed), spec.local_kv_heads, n)
         saved = [(layer.taps.profiler, layer.taps.tracker) for layer in self._layers]
         first, later, suffix = lead
         try:

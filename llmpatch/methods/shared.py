@@ -80,7 +80,7 @@ def install_elastic(model, layers, spans, length: int | None):
             return None
         with torch.inference_mode(False):  # decision tensors keep version counters
             for i, (sink, window) in spans(length or n).items():
-                layers[i].sink, layers[i].window = sink, window
+                layers[i].set_spans(sink, window)
         return None
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)

@@ -13,6 +13,7 @@ import torch
 
 from ...kernels import density, dispatch, rules
 from ...kernels.layout import to_tokens
+from ...sharding import all_reduce_mean
 
 TABLE_ELEMENTS = 1 << 24  # scores held at once (sampled queries x keys x heads, or query blocks x key tokens)
 
@@ -30,7 +31,7 @@ class Config:
     stride: int  # every stride-th query is sampled for the boundary rule
 
 
-def boundaries(cfg: Config, q, k, n, scale) -> torch.Tensor:
+def boundaries(cfg: Config, q, k, n, scale, shard=None) -> torch.Tensor:
     """Chunk id per token [B, N] from the attention-ratio rule on sampled queries (docs/METHODS.md §4).
 
     For the gap after token c: a_past = attention mass (averaged over heads) that later sampled queries put on keys
@@ -51,6 +52,7 @@ def boundaries(cfg: Config, q, k, n, scale) -> torch.Tensor:
         p = torch.softmax(s, -1).mean(1)  # [B, P, N]
         later = (pi.view(1, -1, 1) >= j.view(1, 1, -1) + 2 * w) & (pi.view(1, -1, 1) < n.view(-1, 1, 1))
         mass += (p * later).sum(1)
+    mass = all_reduce_mean(mass, shard)  # tensor parallel: the mean over every rank's heads
     csum = torch.nn.functional.pad(mass.cumsum(-1), (1, 0))  # csum[i] = sum of mass[:i]
     c = torch.arange(nt, device=dev)
     lo, hi = (c - w + 1).clamp(min=0), (c + w + 1).clamp(max=nt)
@@ -70,7 +72,7 @@ def boundaries(cfg: Config, q, k, n, scale) -> torch.Tensor:
     return split.long().cumsum(-1)
 
 
-def block_lists(cfg: Config, q, k, chunk, n, sliding_window):
+def block_lists(cfg: Config, q, k, chunk, n, sliding_window, shard=None):
     """kv_count [B, 1, QB] and kv_index [B, 1, QB, MAX_K] for queries q [B, H, N, D] and keys in token space."""
     b, h, nt, d = q.shape
     bs, dev = cfg.block_size, q.device
@@ -78,11 +80,12 @@ def block_lists(cfg: Config, q, k, chunk, n, sliding_window):
     pad = nb * bs - nt
     real = (torch.arange(nt, device=dev)[None] < n[:, None]).float()  # [B, N]
     n_chunks = int(chunk.max()) + 1
-    kmean = k.float().mean(1) * real[..., None]  # [B, N, D], heads averaged
+    kmean = all_reduce_mean(k.float().mean(1), shard) * real[..., None]  # [B, N, D], heads averaged
     ksum = torch.zeros(b, n_chunks, d, device=dev).scatter_add_(1, chunk[..., None].expand(b, nt, d), kmean)
     size = torch.zeros(b, n_chunks, device=dev).scatter_add_(1, chunk, real)
     kbar = ksum / size.clamp(min=1)[..., None] * size.sqrt()[..., None]  # mean * sqrt(|c|)
-    qm = torch.nn.functional.pad(q.float().mean(1) * real[..., None], (0, 0, 0, pad)).view(b, nb, bs, d)
+    qmean = all_reduce_mean(q.float().mean(1), shard)  # [B, N, D]
+    qm = torch.nn.functional.pad(qmean * real[..., None], (0, 0, 0, pad)).view(b, nb, bs, d)
     qcnt = torch.nn.functional.pad(real, (0, pad)).view(b, nb, bs).sum(-1)
     qbar = qm.sum(2) / qcnt.clamp(min=1)[..., None] * qcnt.sqrt()[..., None]
     chunk_score = torch.matmul(qbar, kbar.transpose(-1, -2))  # [B, QB, C]
@@ -147,9 +150,9 @@ class DHSAAttention:
         nt = int(n.max())
         qt, kt, vt = to_tokens(q, start, nt), to_tokens(k, start, nt), to_tokens(v, start, nt)
         if self.first or shared.get("shape") != (b, nt):
-            shared["chunk"] = boundaries(cfg, qt, kt, n, scale)
+            shared["chunk"] = boundaries(cfg, qt, kt, n, scale, decision.shard)
             shared["shape"] = (b, nt)
-        count, index = block_lists(cfg, qt, kt, shared["chunk"], n, decision.sliding_window)
+        count, index = block_lists(cfg, qt, kt, shared["chunk"], n, decision.sliding_window, decision.shard)
         hkv = k.shape[1]
         count, index = count.expand(b, hkv, -1), index.expand(b, hkv, -1, -1)
         out, _ = dispatch.attention(qt, kt, vt, backend=decision.backend, scale=scale, softcap=softcap,
