@@ -100,6 +100,29 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return sorted(found, key=lambda item: item[1].layer_idx)
 
 
+def execution_devices(model: nn.Module) -> list:
+    """Where each attention module runs: its accelerate hook's execution device (device maps, CPU/disk offload
+    keep weights elsewhere), else the device of its weights."""
+    import torch
+
+    placed = {}
+    for name, mod in model.named_modules():
+        hook = getattr(mod, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            dev = getattr(h, "execution_device", None)
+            if dev is not None:
+                placed[name] = torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+    out = []
+    for path, mod in attention_modules(model):
+        owners = [n for n in placed if n == "" or path == n or path.startswith(n + ".")]
+        if owners:
+            out.append(placed[max(owners, key=len)])
+            continue
+        weight = mod.q_proj.weight
+        out.append(torch.device("cpu") if weight.device.type == "meta" else weight.device)
+    return out
+
+
 def detect(model: nn.Module) -> ModelSpec:
     """Build the ModelSpec of `model`, or raise UnsupportedModelError naming its model_type."""
     config = getattr(model, "config", None)

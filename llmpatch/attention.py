@@ -59,17 +59,21 @@ def _check_mask_function(
 
 def compact_mask(
     batch_size: int,
-    q_length: int,
-    kv_length: int,
+    q_length: int | None = None,
+    kv_length: int = 0,
     q_offset: int = 0,
     kv_offset: int = 0,
     mask_function=None,
     attention_mask: torch.Tensor | None = None,
     local_size: int | None = None,
+    cache_position: torch.Tensor | None = None,
     **kwargs,
 ) -> CompactMask:
-    """AttentionMaskInterface entry: causal + padding information in O(B x N)."""
-    device = kwargs.get("device", "cpu")
+    """AttentionMaskInterface entry: causal + padding information in O(B x N). Transformers before 5.3 pass the
+    queries' `cache_position` instead of `q_length` and `q_offset`."""
+    if q_length is None:
+        q_length, q_offset = cache_position.shape[0], int(cache_position[0]) if cache_position.numel() else 0
+    device = kwargs.get("device", cache_position.device if cache_position is not None else "cpu")
     _check_mask_function(
         mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, local_size, device
     )
@@ -116,6 +120,11 @@ def llmpatch_attention(
         )
     if query.shape[1] != decision.num_heads:
         _refuse_sharding(decision, query.shape[1])
+    if decision.sink.device != query.device:
+        raise PatchStateError(
+            f"device: layer {decision.layer} was patched on {decision.sink.device} but runs on {query.device}; "
+            "move the model first, then apply the patch (or remove and re-apply it)"
+        )
     mask = attention_mask or CompactMask(0, None, None)
     b, h, nq, _ = query.shape
     nk = key.shape[2]
@@ -134,10 +143,10 @@ def llmpatch_attention(
     tail = 0
     narrowest = decision.narrowest_window()
     if narrowest is not None and (positions is not None or rules.narrows(narrowest, nk)):  # else: dense
-        kw.update(sink=decision.sink.to(query.device), window=decision.window.to(query.device))
+        kw.update(sink=decision.sink, window=decision.window)
         tail = min(decision.tail, nq) if prefill else 0
     if decision.head_mask is not None:
-        kw.update(decision.head_mask.kernel_args(prefill, query.device))
+        kw.update(decision.head_mask.kernel_args(prefill))
     calibration = decision.calibration
     if calibration is not None:
         kw.update(calibration.kernel_args(prefill, mask, b, nk))

@@ -39,8 +39,8 @@ class HeadMask:
     modes: torch.Tensor  # [H] int8: HEAD_KEEP / HEAD_UNIFORM / HEAD_ZERO
     prefill: bool = False  # also on the prompt's attention
 
-    def kernel_args(self, prefill: bool, device) -> dict:
-        return {} if prefill and not self.prefill else {"head_mask": self.modes.to(device)}
+    def kernel_args(self, prefill: bool) -> dict:
+        return {} if prefill and not self.prefill else {"head_mask": self.modes}
 
 
 @dataclass
@@ -112,7 +112,16 @@ class LayerDecision:
 
     def set_spans(self, sink: torch.Tensor, window: torch.Tensor) -> None:
         """Replace the pattern's spans ([H] over the model's heads), e.g. per prompt for elastic spans."""
-        self.sink, self.window = self.local(sink), self.local(window)
+        dev = self.sink.device
+        self.sink, self.window = self.local(sink).to(dev), self.local(window).to(dev)
+
+    def to(self, device) -> None:
+        """Keep the decision tensors on the layer's execution device (set once by `apply`)."""
+        self.sink, self.window = self.sink.to(device), self.window.to(device)
+        if self.head_mask is not None:
+            self.head_mask.modes = self.head_mask.modes.to(device)
+        if self.calibration is not None:
+            self.calibration.heads = self.calibration.heads.to(device)
 
     def local(self, per_head: torch.Tensor) -> torch.Tensor:
         """A tensor over the model's heads (first dim), cut to this rank's heads."""

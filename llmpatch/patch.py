@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import attention, methods
-from .adapters import ModelSpec, attention_modules, detect
+from .adapters import ModelSpec, attention_modules, detect, execution_devices
 from .decisions import LayerDecision
 from .errors import ParameterError, PatchStateError, UnsupportedModelError
 from .kernels.density import SparsityTracker
@@ -155,8 +155,11 @@ def apply(
         ]
         for inst in instances:
             inst.configure(spec, layers)
-        for layer in layers:  # a tensor-parallel rank keeps its own heads (methods speak global heads)
-            layer.localize(spec.shard)
+        for layer, device in zip(layers, execution_devices(model), strict=True):
+            layer.localize(
+                spec.shard
+            )  # a tensor-parallel rank keeps its own heads (methods speak global heads)
+            layer.to(device)
 
     # Validation is over: from here on the model changes, and any failure undoes it.
     attention.register()

@@ -43,24 +43,28 @@ def _projection_weight(module):
 
 def detect(model, attention_module, num_heads: int, num_kv_heads: int) -> Shard | None:
     """The rank's head shard of a tensor-parallel model, None for an unsharded one; a sharding llmpatch cannot
-    follow (not colwise by head, a multi-dimensional mesh, heads that do not divide) is refused by name."""
-    name, weight = _projection_weight(attention_module)
-    placements = getattr(weight, "placements", None)
-    if placements is None:  # a plain tensor: is the model still TP-sized (local weights)?
-        size = getattr(model, "tp_size", None) or 1
-        if size > 1:
-            raise UnsupportedModelError(
-                f"model: tp_size={size} but the attention weight {name!r} is not a DTensor; llmpatch follows "
-                "transformers' own tensor parallelism (from_pretrained(..., tp_plan='auto') under torchrun)"
-            )
-        return None
-    mesh = weight.device_mesh
+    follow (not colwise by head, a multi-dimensional mesh, heads that do not divide) is refused by name.
+    Transformers 5.3+ keep DTensors (placements say the layout); earlier 5.x keep plain local shards and the
+    model's `_device_mesh`, so the local row count says it."""
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor import Shard as DShard
 
-    if all(isinstance(p, Replicate) for p in placements) or mesh.size() == 1:
-        return None
-    if mesh.ndim != 1 or not (isinstance(placements[0], DShard) and placements[0].dim == 0):
+    name, weight = _projection_weight(attention_module)
+    placements = getattr(weight, "placements", None)
+    if placements is not None:
+        mesh = weight.device_mesh
+        if all(isinstance(p, Replicate) for p in placements) or mesh.size() == 1:
+            return None
+        colwise = mesh.ndim == 1 and isinstance(placements[0], DShard) and placements[0].dim == 0
+    else:
+        size = getattr(model, "tp_size", None) or 1
+        if size <= 1:
+            return None
+        mesh = getattr(model, "_device_mesh", None)
+        rows = num_heads * getattr(attention_module, "head_dim", 0)
+        colwise = mesh is not None and mesh.ndim == 1 and weight.shape[0] * mesh.size() == rows
+        placements = f"local shards of {weight.shape[0]} of {rows} rows"
+    if not colwise:
         raise UnsupportedModelError(
             f"model: attention weight {name!r} is sharded as {placements} on a {mesh.ndim}-D mesh; llmpatch "
             "supports tensor parallelism that splits attention by heads (colwise Shard(0) on a 1-D tp mesh, "

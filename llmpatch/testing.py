@@ -66,3 +66,31 @@ def tiny_model(family: str, *, seed: int = 0, attn_implementation: str = "eager"
     config = tiny_config(family, **overrides)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     return model.float().eval()
+
+
+def per_head(layers: int, heads: int, f) -> list[list[float]]:
+    return [[f(li, h) for h in range(heads)] for li in range(layers)]
+
+
+def method_cases(layers: int, heads: int, backend: str | None) -> dict[str, tuple[str, dict]]:
+    """{label: (method, params)}: every method, active on a 64-token prompt of a tiny model, with parameters that
+    vary by head (the sharding and placement tests run each one)."""
+    dhsa = dict(budget=16, block_size=4, sink=4, recent=4, tail=4, stride=2, nms=2, per_128=32)
+    if backend == "triton":  # its block lists take blocks of >= 16
+        dhsa = dict(budget=32, block_size=16, sink=0, recent=16, tail=4, stride=2, nms=2, per_128=32)
+    moa = dict(alphas=per_head(layers, heads, lambda li, h: float(2 + 3 * ((li + h) % 4))),
+               betas=per_head(layers, heads, lambda li, h: 0.1 * ((li * 3 + h) % 3)), sink=2, min_span=3)  # fmt: skip
+    scores = per_head(layers, heads, lambda li, h: ((li * 5 + h * 3) % 7) / 7)
+    return {
+        "dense": ("dense", {}),
+        "sink_window": ("sink_window", dict(sink=2, window=6)),
+        "streamingllm": ("streamingllm", dict(density=0.4, sink=2)),
+        "moa-ring": ("moa", moa),
+        "moa-noring": ("moa", {**moa, "ring": False}),
+        "retrieval_mask": ("retrieval_mask", dict(heads=[[0, 1], [1, 2], [2, 3], [2, 0]], prefill=True)),
+        "retrieval_kv": ("retrieval_kv", dict(scores=scores, top_k=4, sink=2, recent=5)),
+        "act": ("act", dict(heads=[[0, 1], [1, 2], [2, 0], [2, 3]], threshold=0.02)),
+        "longheads": ("longheads", dict(chunk_size=4, attention_length=12, block_size=2)),
+        "dhsa": ("dhsa", dhsa),
+        "kvzip": ("kvzip", dict(ratio=0.5, sink=2, window=4, chunk=16, instruction=[5, 6, 7])),
+    }

@@ -31,6 +31,26 @@ def test_bad_set_is_a_clear_error(smollm2):
     assert "sink_window: parameter 'window' must be an int >= 1, got -3" in result.output
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--max-memory", "cpu=1GiB"], "--max-memory: give it with --device-map"),
+        (["--device-map", "{bad"], "--device-map: not valid JSON"),
+        (["--device-map", "auto", "--max-memory", "lots"], "--max-memory: expected device=size pairs"),
+    ],
+)
+def test_bad_placement_is_refused_before_the_model_loads(args, message):
+    result = runner.invoke(app, ["apply", "--method", "dense", "--model", "no/such-model", "-p", "hi", *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_device_map_under_torchrun_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = runner.invoke(app, ["apply", "--method", "dense", "--model", "no/such-model", "-p", "hi",
+                                 "--device-map", "auto"])  # fmt: skip
+    assert result.exit_code == 2 and "--device-map: not under torchrun" in result.output, result.output
+
+
 @pytest.mark.real
 def test_info_and_models_list(smollm2):
     result = runner.invoke(app, ["info", "--model", "smollm2-135m"])

@@ -26,37 +26,11 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import llmpatch  # noqa: E402
+from llmpatch.testing import method_cases  # noqa: E402
 
 PROMPT = [(7 * i + 3) % 120 + 3 for i in range(64)]
 GEN = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True,
            return_dict_in_generate=True)  # fmt: skip
-
-
-def per_head(layers: int, heads: int, f) -> list[list[float]]:
-    return [[f(li, h) for h in range(heads)] for li in range(layers)]
-
-
-def cases(layers: int, heads: int, backend: str | None) -> dict[str, tuple[str, dict]]:
-    """Every method, its parameters varied by head (3 layers x 4 query heads x 2 KV heads)."""
-    dhsa = dict(budget=16, block_size=4, sink=4, recent=4, tail=4, stride=2, nms=2, per_128=32)
-    if backend == "triton":  # its block lists take blocks of >= 16
-        dhsa = dict(budget=32, block_size=16, sink=0, recent=16, tail=4, stride=2, nms=2, per_128=32)
-    moa = dict(alphas=per_head(layers, heads, lambda li, h: float(2 + 3 * ((li + h) % 4))),
-               betas=per_head(layers, heads, lambda li, h: 0.1 * ((li * 3 + h) % 3)), sink=2, min_span=3)  # fmt: skip
-    scores = per_head(layers, heads, lambda li, h: ((li * 5 + h * 3) % 7) / 7)
-    return {
-        "dense": ("dense", {}),
-        "sink_window": ("sink_window", dict(sink=2, window=6)),
-        "streamingllm": ("streamingllm", dict(density=0.4, sink=2)),
-        "moa-ring": ("moa", moa),
-        "moa-noring": ("moa", {**moa, "ring": False}),
-        "retrieval_mask": ("retrieval_mask", dict(heads=[[0, 1], [1, 2], [2, 3], [2, 0]], prefill=True)),
-        "retrieval_kv": ("retrieval_kv", dict(scores=scores, top_k=4, sink=2, recent=5)),
-        "act": ("act", dict(heads=[[0, 1], [1, 2], [2, 0], [2, 3]], threshold=0.02)),
-        "longheads": ("longheads", dict(chunk_size=4, attention_length=12, block_size=2)),
-        "dhsa": ("dhsa", dhsa),
-        "kvzip": ("kvzip", dict(ratio=0.5, sink=2, window=4, chunk=16, instruction=[5, 6, 7])),
-    }
 
 
 def run(model, method, params, backend):
@@ -116,7 +90,7 @@ def main():
         sharded = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, tp_plan="auto").eval()
         spec = llmpatch.detect(whole)
         fam, dense = {}, None
-        for label, (method, params) in cases(spec.num_layers, spec.num_heads, backend).items():
+        for label, (method, params) in method_cases(spec.num_layers, spec.num_heads, backend).items():
             try:
                 want = run(whole, method, params, backend)
                 got = run(sharded, method, params, backend)

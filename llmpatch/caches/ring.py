@@ -212,8 +212,10 @@ class RingLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.seen
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        """(keys the mask spans, offset); transformers before 5.3 pass the queries' cache_position instead."""
+        n = query_length.shape[0] if isinstance(query_length, torch.Tensor) else query_length
+        return self.seen + n, 0
 
     def kv_bytes(self) -> int:
         if self.pos is None:
