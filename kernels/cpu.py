@@ -22,7 +22,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from . import rules
+from . import rules, sdpa
 from .layout import cdiv, to_flex_block_mask
 from .reference import block_mask, per_query_head
 from .rules import HEAD_KEEP
@@ -55,6 +55,10 @@ def attention(
     b, h, nq, d = q.shape
     nk = k.shape[2]
     scale = d**-0.5 if scale is None else float(scale)
+    static = k_pos is None and kv_index is None and head_mask is None and not return_lse
+    if static and torch.compiler.is_compiling():  # traced: the same pattern without data-dependent Python
+        return traced_static(q, k, v, scale=scale, softcap=softcap, start=start, key_padding=key_padding,
+                             sliding_window=sliding_window, sink=sink, window=window)  # fmt: skip
     if k_pos is not None:  # a cache with explicit positions (a ring): few keys, one masked call per row chunk
         if k_spans is not None:  # each position head's slots lie in one span: attend per span
             out, lse = _spans(
@@ -277,23 +281,29 @@ def _compiled_flex():
     return torch.compile(flex_attention)  # shapes turn dynamic after the first recompile
 
 
-def _flex(q, k, v, scale, softcap, start, key_padding, sliding_window, sink, window, kv_count, kv_index, bs):
-    b, h, nq, d = q.shape
-    nk = k.shape[2]
+def _mask_mod(q, k, start, key_padding, sliding_window, sink, window):
+    """flex's per-element rule (rules.keep) for queries that are the last Nq of Nk contiguous key slots."""
+    b, nq, nk = q.shape[0], q.shape[2], k.shape[2]
     off = nk - nq
     st = torch.zeros(b, dtype=torch.long, device=q.device) if start is None else start.long().to(q.device)
-    sink_t = sink.to(q.device) if sink is not None else None
-    window_t = window.to(q.device) if window is not None else None
     pad = key_padding.to(torch.bool) if key_padding is not None else None
 
     def mask_mod(bi, hi, qi, ki):
         kp = ki - st[bi]
         if pad is not None:
             kp = torch.where(pad[bi, ki], kp, rules.EMPTY)
-        pattern = (sink_t[hi], window_t[hi]) if sink_t is not None else (None, None)
+        pattern = (sink[hi], window[hi]) if sink is not None else (None, None)
         return rules.keep(
             qi + off - st[bi], kp, sliding_window=sliding_window, sink=pattern[0], window=pattern[1]
         )
+
+    return mask_mod
+
+
+def _flex(q, k, v, scale, softcap, start, key_padding, sliding_window, sink, window, kv_count, kv_index, bs):
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    mask_mod = _mask_mod(q, k, start, key_padding, sliding_window, sink, window)
 
     def score_mod(score, bi, hi, qi, ki):
         return rules.soft_cap(score, softcap)
@@ -307,3 +317,19 @@ def _flex(q, k, v, scale, softcap, start, key_padding, sliding_window, sink, win
         enable_gqa=h != k.shape[1],
     )  # fmt: skip
     return torch.nan_to_num(out, nan=0.0), None  # (flex on CPU returns no LSE; empty rows are 0 already)
+
+
+def traced_static(q, k, v, *, scale, softcap, start, key_padding, sliding_window, sink, window):
+    """A static pattern (dense, sliding window, per-head sink + window, padding) with no data-dependent Python,
+    for torch.compile: the masked SDPA row chunks of `sdpa.masked_chunks` (never an N x N mask; the work is
+    the dense causal one), or one causal SDPA call when nothing restricts it."""
+    b, h, nq, _ = q.shape
+    nk = k.shape[2]
+    plain = (
+        sink is None and key_padding is None and start is None and sliding_window is None and softcap is None
+    )
+    if plain and (nq == 1 or nq == nk):
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=nq > 1, scale=scale, enable_gqa=h != k.shape[1]
+        )
+    return sdpa.masked_chunks(q, k, v, scale, start, key_padding, sliding_window, sink, window, softcap)

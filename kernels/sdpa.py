@@ -34,20 +34,42 @@ def attention(
     if not (has_pattern or padded or sliding_window is not None) and nq in (1, nk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=nq > 1, scale=scale, enable_gqa=gqa)
 
+    pattern = dict(sink=sink, window=window) if has_pattern else {}
+    return masked_chunks(q, k, v, scale, start, key_padding, sliding_window, **pattern)
+
+
+def masked_chunks(q, k, v, scale, start=None, key_padding=None, sliding_window=None, sink=None, window=None,
+                  softcap=None):  # fmt: skip
+    """The pattern in query-row chunks whose keys end at the chunk's last query, with no data-dependent Python
+    (so torch.compile traces it whole): at most CHUNK_ELEMENTS mask elements at once, never N x N."""
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    gqa = h != k.shape[1]
     q_pos_all, k_pos_all = rules.token_positions(b, nq, nk, start, key_padding, q.device)
-    heads = h if has_pattern else 1
-    rows = max(1, CHUNK_ELEMENTS // max(1, nk * heads))
+    heads = h if sink is not None else 1
+    # one chunk for a decode step (and no guard on the cache length, so a compiled decode does not recompile)
+    rows = 1 if nq == 1 else max(1, CHUNK_ELEMENTS // max(1, nk * heads))
     out = torch.empty_like(q)
     for r0 in range(0, nq, rows):
         r1 = min(nq, r0 + rows)
         kend = nk - nq + r1  # the chunk's last query sees keys [0, kend)
-        pattern = dict(sink=sink, window=window) if has_pattern else {}
         mask = rules.keep_mask(
-            q_pos_all[:, r0:r1], k_pos_all[:, :kend], h, sliding_window=sliding_window, **pattern
+            q_pos_all[:, r0:r1],
+            k_pos_all[:, :kend],
+            h,
+            sliding_window=sliding_window,
+            sink=sink,
+            window=window,
         )
-        chunk = F.scaled_dot_product_attention(
-            q[:, :, r0:r1], k[:, :, :kend], v[:, :, :kend], attn_mask=mask, scale=scale, enable_gqa=gqa
-        )
+        qc, kc, vc = q[:, :, r0:r1], k[:, :, :kend], v[:, :, :kend]
+        if softcap is None:
+            chunk = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        else:  # SDPA has no soft-cap: the explicit softmax
+            g = h // k.shape[1]
+            scores = torch.matmul(qc.float(), kc.float().repeat_interleave(g, 1).transpose(-1, -2)) * scale
+            scores = rules.soft_cap(scores, softcap).masked_fill(~mask, float("-inf"))
+            probs = torch.softmax(scores, -1).nan_to_num(0.0)
+            chunk = torch.matmul(probs, vc.float().repeat_interleave(g, 1)).to(q.dtype)
         # SDPA returns NaN on fully masked rows; the contract is 0.
         out[:, :, r0:r1] = torch.where(mask.any(-1, keepdim=True), chunk, torch.zeros_like(chunk))
     return out

@@ -74,10 +74,18 @@ def compact_mask(
     if q_length is None:
         q_length, q_offset = cache_position.shape[0], int(cache_position[0]) if cache_position.numel() else 0
     device = kwargs.get("device", cache_position.device if cache_position is not None else "cpu")
+    kv_offset = int(kv_offset)
+    if (
+        torch.compiler.is_compiling()
+    ):  # traced: no sampled check (eager calls make it), no data-dependent branch
+        if attention_mask is None:
+            return CompactMask(kv_offset, None, None)
+        full = attention_mask.to(torch.bool)
+        first = torch.where(full.any(-1), full.float().argmax(-1), full.shape[-1]).long()
+        return CompactMask(kv_offset, first - kv_offset, full[:, kv_offset : kv_offset + kv_length])
     _check_mask_function(
         mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, local_size, device
     )
-    kv_offset = int(kv_offset)
     if attention_mask is None or bool(attention_mask.all()):
         # A sliding cache that dropped old keys shifts positions: key index 0 is token kv_offset.
         start = None if kv_offset == 0 else torch.full((batch_size,), -kv_offset, dtype=torch.long)

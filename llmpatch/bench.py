@@ -100,9 +100,16 @@ def _prompt_ids(tokenizer, length: int) -> torch.Tensor:
 
 
 def model_one(
-    model: str, method: str | None, params: dict, length: int, decode_tokens: int, repeats: int
+    model: str,
+    method: str | None,
+    params: dict,
+    length: int,
+    decode_tokens: int,
+    repeats: int,
+    compiled: bool = False,
 ) -> dict:
-    """One configuration in this process: prefill seconds (best of `repeats`), decode tokens/s, peak RSS."""
+    """One configuration in this process: prefill seconds (best of `repeats`), decode tokens/s, peak RSS. With
+    `compiled`, the forward runs under torch.compile, warmed up (prefill and decode) before anything is timed."""
     from . import apply
     from .caches import cache_argument, output_cache
     from .measure import PeakMemory
@@ -112,6 +119,15 @@ def model_one(
     cache_arg = cache_argument(m)
     ids = _prompt_ids(tok, length)
     patch = apply(m, method, **params) if method else None
+    if compiled:
+        m.forward = torch.compile(m.forward)
+        with torch.inference_mode():  # compile the prefill, the first decode step and the dynamic-length one
+            out = m(ids, use_cache=True, logits_to_keep=1)
+            cache, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
+            for _ in range(3):
+                out = m(nxt, use_cache=True, **{cache_arg: cache})
+                cache, nxt = output_cache(out), out.logits[:, -1:].argmax(-1)
+            out = cache = None
     best = math.inf
     with torch.inference_mode(), PeakMemory(m.device) as mem:
         out = None
@@ -132,8 +148,9 @@ def model_one(
         with torch.inference_mode():
             m(ids, logits_to_keep=1)
         density = tracker.density
-    return {"method": method or "dense", "length": length, "prefill_s": best, "decode_tokens_per_s": decode,
-            "peak_memory_mb": mem.mb, "density": density}  # fmt: skip
+    return {"method": (method or "dense") + (" (compiled)" if compiled else ""), "length": length,
+            "prefill_s": best, "decode_tokens_per_s": decode, "peak_memory_mb": mem.mb, "density": density,
+            "compiled": compiled}  # fmt: skip
 
 
 def _subprocess(args: list, env: dict | None = None) -> dict:
@@ -144,8 +161,9 @@ def _subprocess(args: list, env: dict | None = None) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def bench_model(model, method, params, length, decode_tokens=16, repeats=2):
-    """Dense (unpatched) and patched, each in fresh subprocesses; returns both rows.
+def bench_model(model, method, params, length, decode_tokens=16, repeats=2, compiled=False):
+    """Dense (unpatched) and patched, each in fresh subprocesses; returns both rows (and, with `compiled`, both
+    again under torch.compile).
 
     Times and peak RSS come from a run with the default allocator. `peak_live_mb` comes from a second, shorter
     run with glibc's mmap threshold fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_): freed tensors leave the RSS at
@@ -153,10 +171,12 @@ def bench_model(model, method, params, length, decode_tokens=16, repeats=2):
     times are taken from it)."""
     rows = []
     live_env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 16))
-    for meth in (None, method):
-        row = _subprocess([model, meth, params, length, decode_tokens, repeats])
-        row["peak_live_mb"] = _subprocess([model, meth, params, length, 4, 1], live_env)["peak_memory_mb"]
-        rows.append(row)
+    for comp in (False, True) if compiled else (False,):
+        for meth in (None, method):
+            row = _subprocess([model, meth, params, length, decode_tokens, repeats, comp])
+            live = _subprocess([model, meth, params, length, 4, 1, comp], live_env) if not comp else None
+            row["peak_live_mb"] = live["peak_memory_mb"] if live else None  # (compiled: not measured)
+            rows.append(row)
     return rows
 
 

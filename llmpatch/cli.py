@@ -683,12 +683,14 @@ def bench_model_cmd(
     decode_tokens: int = typer.Option(16, "--decode-tokens", min=1),
     repeats: int = typer.Option(2, "--repeats", min=1),
     json_out: Path = typer.Option(None, "--json", help="write rows and metadata as JSON"),
+    compiled: bool = typer.Option(False, "--compile", help="also run both under torch.compile (warmed up)"),
 ):
-    """End to end: prefill time, decode tokens/s and peak memory, unpatched against patched."""
+    """End to end: prefill time, decode tokens/s and peak memory, unpatched against patched (and compiled
+    against eager with --compile)."""
     from .bench import bench_model
 
     try:
-        rows = bench_model(model, method, parse_sets(sets), length, decode_tokens, repeats)
+        rows = bench_model(model, method, parse_sets(sets), length, decode_tokens, repeats, compiled)
     except (LlmpatchError, RuntimeError) as exc:
         _fail(str(exc))
     table = Table(title=f"{model}, {length} tokens")
@@ -706,10 +708,11 @@ def bench_model_cmd(
     for r in rows:
         dens = f"{r['density']:.3f}" if r["density"] is not None else "1.000"
         table.add_row(r["method"], dens, f"{r['prefill_s']:.2f}", f"{base / r['prefill_s']:.2f}x",
-                      f"{r['decode_tokens_per_s']:.1f}", f"{r['peak_memory_mb']:.0f}", f"{r['peak_live_mb']:.0f}")  # fmt: skip
+                      f"{r['decode_tokens_per_s']:.1f}", f"{r['peak_memory_mb']:.0f}",
+                      "-" if r["peak_live_mb"] is None else f"{r['peak_live_mb']:.0f}")  # fmt: skip
     console.print(table)
     _write_json(json_out, rows, {"command": "bench model", "model": model, "method": method, "sets": sets,
-                                 "length": length, "decode_tokens": decode_tokens})  # fmt: skip
+                                 "length": length, "decode_tokens": decode_tokens, "compile": compiled})  # fmt: skip
 
 
 @bench_app.command("accuracy")

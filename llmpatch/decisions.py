@@ -91,6 +91,7 @@ class LayerDecision:
             self.sink = torch.zeros(self.num_heads, dtype=torch.long)
         if self.window is None:
             self.window = torch.full((self.num_heads,), -1, dtype=torch.long)
+        self.narrowest_window()
 
     def claim(self, kind: Kind, method: str) -> None:
         """Record that `method` sets decision `kind` here; two methods may not set the same kind."""
@@ -107,6 +108,7 @@ class LayerDecision:
         self.sink = torch.as_tensor(sink, dtype=torch.long).expand(self.num_heads).clone()
         self.window = torch.as_tensor(window, dtype=torch.long).expand(self.num_heads).clone()
         self.tail = int(tail)
+        self.narrowest_window()
         if self.tail:  # ACT's column sums need one call over the whole prompt
             self.claim(Kind.CALIBRATION, method)
 
@@ -114,6 +116,7 @@ class LayerDecision:
         """Replace the pattern's spans ([H] over the model's heads), e.g. per prompt for elastic spans."""
         dev = self.sink.device
         self.sink, self.window = self.local(sink).to(dev), self.local(window).to(dev)
+        self.narrowest_window()
 
     def to(self, device) -> None:
         """Keep the decision tensors on the layer's execution device (set once by `apply`)."""
@@ -122,6 +125,7 @@ class LayerDecision:
             self.head_mask.modes = self.head_mask.modes.to(device)
         if self.calibration is not None:
             self.calibration.heads = self.calibration.heads.to(device)
+        self.narrowest_window()
 
     def local(self, per_head: torch.Tensor) -> torch.Tensor:
         """A tensor over the model's heads (first dim), cut to this rank's heads."""
@@ -141,6 +145,7 @@ class LayerDecision:
         if self.calibration is not None:
             self.calibration.heads = self.calibration.heads[cut].clone()
         self.num_heads, self.shard = cut.stop - cut.start, shard
+        self.narrowest_window()
 
     def mask_head(self, method: str, head: int, mode: str, prefill: bool) -> None:
         self.claim(Kind.HEAD_MASK, method)
@@ -153,6 +158,8 @@ class LayerDecision:
         """The smallest window among the heads that have one (None: no head narrows its keys): a python-level fact
         recomputed only when `window` is replaced or edited in place (tensor versions), so a decode step pays no
         tensor reduction for it in every layer."""
+        if torch.compiler.is_compiling():  # traced: the value every eager change of the spans computed
+            return self._narrowest
         key = (id(self.window), self.window._version)
         if getattr(self, "_pattern_key", None) != key:
             limited = self.window[self.window >= 0]

@@ -82,6 +82,19 @@ def test_cpu_backend_matches_reference(problem):
     )
 
 
+@SETTINGS
+@given(problems(kinds=("static",)))
+def test_traced_static_path_matches_reference(problem):
+    """The path torch.compile traces (no data-dependent Python), run eagerly, against the reference."""
+    q, k, v, kw = problem
+    want = reference.attention(q, k, v, **kw)
+    scale = kw.get("scale") or q.shape[-1] ** -0.5
+    got = cpu.traced_static(q, k, v, scale=scale, softcap=kw.get("softcap"), start=kw.get("start"),
+                            key_padding=kw.get("key_padding"), sliding_window=kw.get("sliding_window"),
+                            sink=kw.get("sink"), window=kw.get("window"))  # fmt: skip
+    _check(got, want.out, 1e-5)
+
+
 FLEX_CASES = {
     "blocks": dict(blocks=True),
     "blocks per kv head": dict(blocks=True, per_kv=True),
