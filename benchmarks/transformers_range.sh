@@ -11,7 +11,8 @@ versions=("$@")
 [ ${#versions[@]} -eq 0 ] && versions=(5.0.0 5.2.0 5.24.0 5.25.0)
 root="${TF_RANGE_VENVS:-/tmp/llmpatch-tf}"
 suite=(tests/test_parity.py tests/test_methods.py tests/test_caches.py tests/test_cache_contract.py tests/test_tp.py
-       tests/test_accelerate.py tests/test_moa.py tests/test_dhsa.py tests/test_longheads.py tests/test_kvzip.py)
+       tests/test_accelerate.py tests/test_dynamo.py tests/test_moa.py tests/test_dhsa.py tests/test_longheads.py
+       tests/test_kvzip.py)
 mkdir -p benchmarks/transformers-range
 for v in "${versions[@]}"; do
   venv="$root/$v"

@@ -71,8 +71,9 @@ def compact_mask(
 ) -> CompactMask:
     """AttentionMaskInterface entry: causal + padding information in O(B x N). Transformers before 5.3 pass the
     queries' `cache_position` instead of `q_length` and `q_offset`."""
-    if q_length is None:
-        q_length, q_offset = cache_position.shape[0], int(cache_position[0]) if cache_position.numel() else 0
+    old_api = q_length is None
+    if old_api:
+        q_length = cache_position.shape[0]
     device = kwargs.get("device", cache_position.device if cache_position is not None else "cpu")
     kv_offset = int(kv_offset)
     if (
@@ -83,6 +84,8 @@ def compact_mask(
         full = attention_mask.to(torch.bool)
         first = torch.where(full.any(-1), full.float().argmax(-1), full.shape[-1]).long()
         return CompactMask(kv_offset, first - kv_offset, full[:, kv_offset : kv_offset + kv_length])
+    if old_api:  # (read here: a data-dependent scalar would break a traced graph)
+        q_offset = int(cache_position[0]) if cache_position.numel() else 0
     _check_mask_function(
         mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, local_size, device
     )
