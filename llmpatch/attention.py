@@ -76,14 +76,14 @@ def compact_mask(
         q_length = cache_position.shape[0]
     device = kwargs.get("device", cache_position.device if cache_position is not None else "cpu")
     kv_offset = int(kv_offset)
-    if (
-        torch.compiler.is_compiling()
-    ):  # traced: no sampled check (eager calls make it), no data-dependent branch
+    # traced: no sampled check (eager calls make it), no data-dependent branch
+    if torch.compiler.is_compiling():
         if attention_mask is None:
             return CompactMask(kv_offset, None, None)
         full = attention_mask.to(torch.bool)
-        first = torch.where(full.any(-1), full.float().argmax(-1), full.shape[-1]).long()
-        return CompactMask(kv_offset, first - kv_offset, full[:, kv_offset : kv_offset + kv_length])
+        return CompactMask(
+            kv_offset, first_real_slot(full) - kv_offset, full[:, kv_offset : kv_offset + kv_length]
+        )
     if old_api:  # (read here: a data-dependent scalar would break a traced graph)
         q_offset = int(cache_position[0]) if cache_position.numel() else 0
     _check_mask_function(
@@ -103,8 +103,13 @@ def padding_start(full: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """For a 2D mask [B, N] (True = real token): each row's first real slot [B] (N for an empty row), and
     whether the padding is a left-padded prefix (no holes)."""
     idx = torch.arange(full.shape[-1], device=full.device)
-    first = torch.where(full.any(-1), full.float().argmax(-1), full.shape[-1]).long()
+    first = first_real_slot(full)
     return first, bool((full == (idx.unsqueeze(0) >= first.unsqueeze(-1))).all())
+
+
+def first_real_slot(full: torch.Tensor) -> torch.Tensor:
+    """[B]: each row's first real slot of a 2D mask [B, N] (N for an empty row), with no data-dependent Python."""
+    return torch.where(full.any(-1), full.float().argmax(-1), full.shape[-1]).long()
 
 
 def llmpatch_attention(

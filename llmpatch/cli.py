@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import typer
@@ -13,13 +12,14 @@ from rich.table import Table
 
 from . import __version__
 from .errors import LlmpatchError, ParameterError
+from .sharding import is_main_process
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Inference-time attention patching for HF causal LMs."
 )
 models_app = typer.Typer(no_args_is_help=True, help="Built-in model aliases (PyPI GGUF packages).")
 app.add_typer(models_app, name="models")
-_quiet = os.environ.get("RANK", "0") != "0"  # under torchrun rank 0 prints (and writes files)
+_quiet = not is_main_process()  # under torchrun rank 0 prints (and writes files)
 console = Console(quiet=_quiet)
 err = Console(stderr=True, quiet=_quiet)
 

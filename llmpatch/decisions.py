@@ -82,9 +82,7 @@ class LayerDecision:
     owners: dict = field(default_factory=dict)  # Kind -> method name, to refuse conflicting methods
     taps: Taps = field(default_factory=Taps)
     key_positions: KeyPositions | None = None  # set by a cache layer's update(), taken by the next call
-    shard: object | None = (
-        None  # sharding.Shard: the rank's heads of a tensor-parallel model (num_heads local)
-    )
+    shard: object | None = None  # sharding.Shard of a tensor-parallel rank (num_heads is then local)
 
     def __post_init__(self):
         if self.sink is None:
@@ -118,14 +116,18 @@ class LayerDecision:
         self.sink, self.window = self.local(sink).to(dev), self.local(window).to(dev)
         self.narrowest_window()
 
+    def _map_heads(self, fn) -> None:
+        """Replace every per-head tensor t of the decision by fn(t)."""
+        self.sink, self.window = fn(self.sink), fn(self.window)
+        if self.head_mask is not None:
+            self.head_mask.modes = fn(self.head_mask.modes)
+        if self.calibration is not None:
+            self.calibration.heads = fn(self.calibration.heads)
+        self.narrowest_window()
+
     def to(self, device) -> None:
         """Keep the decision tensors on the layer's execution device (set once by `apply`)."""
-        self.sink, self.window = self.sink.to(device), self.window.to(device)
-        if self.head_mask is not None:
-            self.head_mask.modes = self.head_mask.modes.to(device)
-        if self.calibration is not None:
-            self.calibration.heads = self.calibration.heads.to(device)
-        self.narrowest_window()
+        self._map_heads(lambda t: t.to(device))
 
     def local(self, per_head: torch.Tensor) -> torch.Tensor:
         """A tensor over the model's heads (first dim), cut to this rank's heads."""
@@ -139,13 +141,8 @@ class LayerDecision:
         if shard is None:
             return
         cut = shard.heads(self.num_heads)
-        self.sink, self.window = self.sink[cut].clone(), self.window[cut].clone()
-        if self.head_mask is not None:
-            self.head_mask.modes = self.head_mask.modes[cut].clone()
-        if self.calibration is not None:
-            self.calibration.heads = self.calibration.heads[cut].clone()
         self.num_heads, self.shard = cut.stop - cut.start, shard
-        self.narrowest_window()
+        self._map_heads(lambda t: t[cut].clone())
 
     def mask_head(self, method: str, head: int, mode: str, prefill: bool) -> None:
         self.claim(Kind.HEAD_MASK, method)

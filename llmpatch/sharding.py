@@ -46,12 +46,12 @@ def detect(model, attention_module, num_heads: int, num_kv_heads: int) -> Shard 
     follow (not colwise by head, a multi-dimensional mesh, heads that do not divide) is refused by name.
     Transformers 5.3+ keep DTensors (placements say the layout); earlier 5.x keep plain local shards and the
     model's `_device_mesh`, so the local row count says it."""
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor import Shard as DShard
-
     name, weight = _projection_weight(attention_module)
     placements = getattr(weight, "placements", None)
-    if placements is not None:
+    if placements is not None:  # (a DTensor: torch.distributed.tensor is loaded already)
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor import Shard as DShard
+
         mesh = weight.device_mesh
         if all(isinstance(p, Replicate) for p in placements) or mesh.size() == 1:
             return None

@@ -113,10 +113,9 @@ class KVzip(Method):
             prompt = ids[row : row + 1, start:]
             stash = {i: (k[row : row + 1, :, start:], v[row : row + 1, :, start:]) for i, (k, v, _) in
                      self._stashed.items()}  # fmt: skip
+            # tensor parallel: every rank chooses on all heads' scores (one model-wide budget), keeps its own
             scores = all_gather_heads(self._score(inner, prompt, stash, lead, spec), spec.shard, 1)
-            chosen.append(
-                self._choose(scores)[:, spec.local_kv_slice()]
-            )  # one model-wide budget on every rank
+            chosen.append(self._choose(scores)[:, spec.local_kv_slice()])
         hkv = spec.local_kv_heads
         for j, i in enumerate(self._managed):
             k, v, _ = self._stashed[i]
