@@ -31,30 +31,39 @@ class CompactMask:
 
 
 MASK_CHECK_PAIRS = 4096
+# Where the sampled pairs fall, as fractions of the query and key ranges: fixed, so a traced graph holds them as
+# a constant and every call checks the same pairs.
+_MASK_CHECK_AT = torch.rand(
+    2, MASK_CHECK_PAIRS, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+)
+MASK_CHECK_ERROR = (
+    "attention_mask: llmpatch supports causal attention with padding masks (and the model's own sliding "
+    "windows); this call asks for another pattern (packed sequences in position_ids, bidirectional or custom "
+    "mask functions). Pass an attention_mask, or remove the patch."
+)
 
 
 def _check_mask_function(
     mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, local_size, device
 ):
     """Refuse mask functions that are not plain causal (+ the layer's sliding window), such as packed sequences
-    or custom overlays: the compact form cannot carry them. Checked on a sample of (query, key) pairs."""
+    or custom overlays: the compact form cannot carry them. Checked on a fixed sample of (query, key) pairs, with
+    tensor ops only, so it also runs inside a compiled graph (as an in-graph assertion, every call)."""
     if mask_function is None:
         return
-    gen = torch.Generator().manual_seed(0)
-    n = min(MASK_CHECK_PAIRS, q_length * kv_length)
-    qi = (torch.randint(0, q_length, (n,), generator=gen) + int(q_offset)).to(device)
-    ki = (torch.randint(0, kv_length, (n,), generator=gen) + int(kv_offset)).to(device)
+    at = _MASK_CHECK_AT.to(device)
+    qi = (at[0] * q_length).long() + q_offset
+    ki = (at[1] * kv_length).long() + kv_offset
     want = rules.visible(qi, ki, local_size)
-    for b in {0, batch_size - 1}:
-        got = mask_function(
-            torch.full((n,), b, device=device), torch.zeros(n, dtype=torch.long, device=device), qi, ki
-        )
-        if not torch.equal(torch.as_tensor(got, dtype=torch.bool), want):
-            raise PatchStateError(
-                "attention_mask: llmpatch supports causal attention with padding masks (and the model's own "
-                "sliding windows); this call asks for another pattern (packed sequences in position_ids, "
-                "bidirectional or custom mask functions). Pass an attention_mask, or remove the patch."
-            )
+    zeros = torch.zeros_like(qi)
+    ok = torch.ones((), dtype=torch.bool, device=device)
+    for b in (0, batch_size - 1):
+        got = torch.as_tensor(mask_function(zeros + b, zeros, qi, ki), dtype=torch.bool)
+        ok = ok & (got == want).all()
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, MASK_CHECK_ERROR)
+    elif not bool(ok):
+        raise PatchStateError(MASK_CHECK_ERROR)
 
 
 def compact_mask(
@@ -76,8 +85,11 @@ def compact_mask(
         q_length = cache_position.shape[0]
     device = kwargs.get("device", cache_position.device if cache_position is not None else "cpu")
     kv_offset = int(kv_offset)
-    # traced: no sampled check (eager calls make it), no data-dependent branch
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # traced: the check as an in-graph assertion, no data-dependent branch
+        q_offset = cache_position[0] if old_api else q_offset
+        _check_mask_function(
+            mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, local_size, device
+        )
         if attention_mask is None:
             return CompactMask(kv_offset, None, None)
         full = attention_mask.to(torch.bool)

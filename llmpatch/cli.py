@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -22,10 +23,12 @@ app.add_typer(models_app, name="models")
 _quiet = not is_main_process()  # under torchrun rank 0 prints (and writes files)
 console = Console(quiet=_quiet)
 err = Console(stderr=True, quiet=_quiet)
+_errors = Console(stderr=True)  # every rank reports its own failure, the others with their rank
 
 
 def _fail(message: str, code: int = 2):
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    rank = "" if not _quiet else f"rank {os.environ.get('RANK')}: "
+    _errors.print(f"{rank}[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
 
 

@@ -54,3 +54,24 @@ def test_compiled_generate_gives_the_eager_tokens(case):
         finally:
             model.forward = forward
     assert torch.equal(got, want)
+
+
+def test_compiled_forward_refuses_packed_sequences():
+    """The mask-function check runs inside the compiled graph (an in-graph assertion): packed sequences are
+    refused there as in eager, and ordinary positions pass, with no graph break."""
+    model = tiny_model("llama")
+    ids = PROMPT[:, :12]
+    packed = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]])  # two sequences in one row
+    torch._dynamo.reset()
+    with torch.no_grad(), llmpatch.patched(model, "dense"):
+        positions = torch.arange(12).unsqueeze(0)
+        explained = torch._dynamo.explain(model.forward)(ids, position_ids=positions, use_cache=False)
+        assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+        forward = model.forward
+        model.forward = torch.compile(forward, backend="eager", dynamic=False)
+        try:
+            model(ids, position_ids=positions, use_cache=False)
+            with pytest.raises(RuntimeError, match="attention_mask: llmpatch supports causal attention"):
+                model(ids, position_ids=packed, use_cache=False)
+        finally:
+            model.forward = forward

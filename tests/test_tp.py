@@ -83,3 +83,57 @@ def test_smollm2_passkey_on_three_ranks_answers_as_one_process(smollm2, tmp_path
         r = results[case]
         assert r["sharded"] == r["whole"] and r["logits"] < 1e-3, (case, r)
     assert "48155" in results["moa"]["whole"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.real
+def test_cli_under_torchrun_single_and_multi_node(smollm2, tmp_path):
+    """`torchrun -m llmpatch apply` on one node (2 ranks) and on two nodes (--nnodes 2, one rank each, both on
+    this machine): the single-process output, printed and written once, by rank 0; an error is reported by every
+    rank, the others with their rank."""
+    d = tmp_path / "tiny"
+    tiny_model("llama", vocab_size=len(smollm2[1])).save_pretrained(d)
+    smollm2[1].save_pretrained(d)
+    args = ["apply", "--method", "sink_window", "--set", "sink=2", "--set", "window=6", "--model", str(d),
+            "--prompt", "The capital of France is", "--raw", "--max-new-tokens", "5"]  # fmt: skip
+    from typer.testing import CliRunner
+
+    from llmpatch.cli import app
+
+    single = CliRunner().invoke(app, [*args, "--json", str(tmp_path / "one.json")])
+    assert single.exit_code == 0, single.output
+    want = json.loads((tmp_path / "one.json").read_text())["runs"]["sink_window"]["text"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "torch.distributed.run"]
+
+    out = tmp_path / "tp.json"
+    done = subprocess.run([*run, "--standalone", "--nproc_per_node=2", "-m", "llmpatch", *args, "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("decode tok/s") == 1, done.stdout  # one table, from rank 0
+    data = json.loads(out.read_text())
+    assert data["runs"]["sink_window"]["text"] == want and data["metadata"]["world_size"] == 2
+
+    port, outs = free_port(), [tmp_path / "node0.json", tmp_path / "node1.json"]
+    nodes = [subprocess.Popen([*run, "--nnodes=2", f"--node_rank={r}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+                               f"--master_port={port}", "-m", "llmpatch", *args, "--json", str(outs[r])],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]  # fmt: skip
+    results = [p.communicate(timeout=600) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], [e[-3000:] for _, e in results]
+    assert json.loads(outs[0].read_text())["runs"]["sink_window"]["text"] == want and not outs[1].exists()
+
+    bad = [a if a != "window=6" else "window=-3" for a in args]
+    done = subprocess.run([*run, "--standalone", "--nproc_per_node=2", "-m", "llmpatch", *bad],
+                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    message = "error: sink_window: parameter 'window' must be an int >= 1, got -3"
+    assert done.returncode != 0 and f"rank 1: {message}" in done.stderr, done.stderr[-3000:]
+    package = str(Path(llmpatch.__file__).parent)  # torchrun's own traceback follows; none from llmpatch
+    assert f'File "{package}' not in done.stderr, done.stderr[-3000:]
