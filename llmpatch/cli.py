@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import typer
@@ -28,7 +29,7 @@ _errors = Console(stderr=True)  # every rank reports its own failure, the others
 
 def _fail(message: str, code: int = 2):
     rank = "" if not _quiet else f"rank {os.environ.get('RANK')}: "
-    _errors.print(f"{rank}[bold red]error:[/] {message}", highlight=False)
+    _errors.print(f"{rank}[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -161,13 +162,34 @@ def _templated(tokenizer, text: str, raw: bool) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def _say_plans(patch) -> None:
+    from .plan_store import describe
+
+    if patch.plan_sources:
+        err.print(f"plan: {escape(describe(patch.plan_sources))}", highlight=False)
+
+
+@app.command("plans")
+def plans_cmd():
+    """List the stored plans (written by `llmpatch calibrate`) and the shipped ones; `apply` and `run` use them
+    when no --plan is given."""
+    from .plan_store import listing, store_root
+
+    console.print(f"plan store: {store_root()}", highlight=False)
+    for r in listing():  # one line each, never cut: the paths are what a user copies
+        line = f"{r['source']:<8} {r['entry']:<16} {r['model']:<40} {r['created'][:10]:<10} {r['path']}"
+        console.print(escape(line), highlight=False, soft_wrap=True)
+
+
 @app.command("apply")
 def apply_cmd(
     method: list[str] = typer.Option(..., "--method", help="method name; repeat to compose methods"),
     model: str = typer.Option(..., "--model", "-m", help="alias, HF id or path"),
     prompt: str = typer.Option(None, "--prompt", "-p", help="prompt text"),
     prompt_file: Path = typer.Option(None, "--prompt-file", help="read the prompt from a file"),
-    plan: Path = typer.Option(None, "--plan", help="plan JSON (schema v1)"),
+    plan: Path = typer.Option(
+        None, "--plan", help="plan JSON (schema v1); default: the stored or shipped plan (`llmpatch plans`)"
+    ),
     sets: list[str] = typer.Option([], "--set", help="parameter override key=value (or method.key=value)"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
     compare: bool = typer.Option(False, "--compare", help="also run the unpatched model and compare"),
@@ -191,6 +213,15 @@ def apply_cmd(
         prompt = prompt_file.read_text()
     if prompt is None or not prompt.strip():
         _fail("prompt: is empty; pass --prompt TEXT or --prompt-file FILE with some text")
+    for flag, path in (("--save-plan", save_plan), ("--json", json_out)):
+        if path is not None and (path.is_dir() or not path.parent.is_dir()):
+            _fail(f"{flag}: {str(path)!r} must be a file in an existing folder")
+    try:
+        from .kernels.dispatch import check_backend
+
+        check_backend(backend)
+    except ValueError as exc:
+        _fail(str(exc))
     try:
         overrides = parse_sets(sets)
         m, tok = load_model(model, progress=err.print, **placement(device_map, max_memory))
@@ -198,7 +229,8 @@ def apply_cmd(
         runs = {}
         if compare:
             runs["unpatched"] = generate_timed(m, tok, text, max_new_tokens)
-        patch = apply(m, list(method), plan, backend=backend, **overrides)
+        patch = apply(m, list(method), plan or "auto", backend=backend, **overrides)
+        _say_plans(patch)
         try:
             label = "+".join(method)
             runs[label] = generate_timed(m, tok, text, max_new_tokens)
@@ -246,6 +278,14 @@ def _default_out(name: str) -> Path:
     return Path("runs") / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{name}"
 
 
+def _keep(plan, out: Path | None) -> list[Path]:
+    """A calibrated plan goes to the plan store (found by `apply` / `run` without --plan) and to --out if given."""
+    from .plan_store import store
+
+    paths = store(plan)
+    return [plan.save(out), *paths] if out is not None else paths
+
+
 def _csv(text: str | None, cast, what: str):
     if text is None:
         return None
@@ -262,7 +302,11 @@ def run_cmd(
     method: list[str] = typer.Option(
         [], "--method", help="method to compare with the dense baseline (repeat to compose)"
     ),
-    plan: Path = typer.Option(None, "--plan", help="plan JSON for the method"),
+    plan: Path = typer.Option(
+        None,
+        "--plan",
+        help="plan JSON for the method; default: the stored or shipped plan (`llmpatch plans`)",
+    ),
     sets: list[str] = typer.Option([], "--set", help="method parameter key=value"),
     lengths: str = typer.Option("1024", "--lengths", help="comma-separated prompt lengths in tokens"),
     depths: str = typer.Option(None, "--depths", help="comma-separated needle depths in [0, 1] (niah)"),
@@ -293,7 +337,7 @@ def run_cmd(
         length_list = _csv(lengths, int, "lengths")
         depth_list = _csv(depths, float, "depths")
         configs = (
-            [MethodConfig("+".join(method), list(method), parse_sets(sets), str(plan) if plan else None)]
+            [MethodConfig("+".join(method), list(method), parse_sets(sets), str(plan) if plan else "auto")]
             if method
             else []
         )
@@ -386,7 +430,12 @@ def calibrate_retrieval_cmd(
         help="convert an official {'layer-head': [scores]} file instead of detecting",
     ),
     export_official: Path = typer.Option(None, "--export-official", help="also write the official format"),
-    out: Path = typer.Option(..., "--out", help="plan JSON to write (a heatmap PNG goes beside it)"),
+    out: Path = typer.Option(
+        None,
+        "--out",
+        help="also write the plan here (it always goes to the plan store, "
+        "`llmpatch plans`); a heatmap PNG goes beside it",
+    ),
 ):
     """Retrieval-head detection (copy-paste score over NIAH samples) -> plan with per-head scores."""
     from . import adapters
@@ -414,8 +463,8 @@ def calibrate_retrieval_cmd(
                 "suite": "niah", "lengths": length_list, "depths": depth_list, "samples": samples, "seed": seed,
                 "haystack": str(haystack) if haystack else "generated", "counted_samples": counted,
                 "per_sample": [{k: v for k, v in r.items() if k not in ("hits", "mass")} for r in det.samples]})  # fmt: skip
-        plan.save(out)
-        png = retrieval.heatmap(scores, out.with_suffix(".png"), f"{model}: retrieval scores")
+        written = _keep(plan, out)
+        png = retrieval.heatmap(scores, written[0].with_suffix(".png"), f"{model}: retrieval scores")
         if export_official is not None:
             retrieval.export_official(scores, export_official)
     except LlmpatchError as exc:
@@ -435,7 +484,7 @@ def calibrate_retrieval_cmd(
     for s, li, hi in heads[:15]:
         table.add_row(str(li), str(hi), f"{s:.3f}")
     console.print(table)
-    wrote = [str(x) for x in (out, png, export_official) if x is not None]
+    wrote = [str(x) for x in (*written, png, export_official) if x is not None]
     console.print("wrote " + " and ".join(wrote))
 
 
@@ -456,7 +505,9 @@ def calibrate_retrieval_effect_cmd(
     sink: int = typer.Option(32, "--sink", min=0),
     recent: int = typer.Option(128, "--recent", min=1),
     families: str = typer.Option(None, "--families", help="comma-separated mix families (default: all)"),
-    out: Path = typer.Option(..., "--out", help="plan JSON to write"),
+    out: Path = typer.Option(
+        None, "--out", help="also write the plan here (it always goes to the plan store, `llmpatch plans`)"
+    ),
 ):
     """retrieval_kv heads by measured effect: the answer loss on dev prompts when each KV head alone is cut to
     sink + recent; then the ranking (copy, mass, effect) with the best dev accuracy becomes the plan's default."""
@@ -478,14 +529,14 @@ def calibrate_retrieval_effect_cmd(
         fams = None if families is None else [f.strip() for f in families.split(",") if f.strip()]
         res = effect.calibrate(m, tok, entry, kv_heads=kv_heads, samples=samples, dev_samples=dev_samples,
                                length=length, sink=sink, recent=recent, families=fams, progress=show)  # fmt: skip
-        Plan(spec.fingerprint(), [{"name": "retrieval_heads", "params": res["params"]}],
-             provenance(source_plan=source.provenance, **res["provenance"])).save(out)  # fmt: skip
+        written = _keep(Plan(spec.fingerprint(), [{"name": "retrieval_heads", "params": res["params"]}],
+                             provenance(source_plan=source.provenance, **res["provenance"])), out)  # fmt: skip
     except LlmpatchError as exc:
         _fail(str(exc))
     choice = res["provenance"]["ranking_choice"]
     console.print(f"dev accuracy at {kv_heads} full KV heads: " + ", ".join(f"{k} {v:.3f} (top_k {choice['top_k'][k]})"
                   for k, v in choice["dev_accuracy"].items()) + f"; chosen: {choice['chosen']}", highlight=False)  # fmt: skip
-    console.print(f"wrote {out} ({choice['total_s']:.0f} s)", highlight=False)
+    console.print(f"wrote {' and '.join(map(str, written))} ({choice['total_s']:.0f} s)", highlight=False)
 
 
 @calibrate_app.command("act")
@@ -497,7 +548,9 @@ def calibrate_act_cmd(
     beta: float = typer.Option(0.4, "--beta", help="ACT beta in [0, 1]"),
     threshold: float = typer.Option(0.1, "--threshold", help="sink threshold > 0"),
     seed: int = typer.Option(0, "--seed", help="train seed; the held-out split uses seed + 1"),
-    out: Path = typer.Option(..., "--out", help="plan JSON to write"),
+    out: Path = typer.Option(
+        None, "--out", help="also write the plan here (it always goes to the plan store, `llmpatch plans`)"
+    ),
 ):
     """ACT head search on a generated classification set (train split) -> plan; reports the held-out split."""
     from . import adapters
@@ -512,7 +565,7 @@ def calibrate_act_cmd(
         m, tok = load_model(model, progress=err.print)
         res = act.search(m, tok, budget=budget, train=train, heldout=heldout, beta=beta, threshold=threshold,
                          seed=seed, progress=show)  # fmt: skip
-        act.to_plan(res, adapters.detect(m)).save(out)
+        written = _keep(act.to_plan(res, adapters.detect(m)), out)
     except LlmpatchError as exc:
         _fail(str(exc))
     table = Table(title=f"ACT on {model}: {len(res['heads'])} heads kept of {len(res['tried'])} tried "
@@ -524,7 +577,7 @@ def calibrate_act_cmd(
         table.add_row(split, str(b["n"]), f"{b['accuracy']:.3f}", f"{c['accuracy']:.3f}",
                       f"{b['label_logprob']:.4f}", f"{c['label_logprob']:.4f}")  # fmt: skip
     console.print(table)
-    console.print(f"heads: {res['heads']}\nwrote {out}", highlight=False)
+    console.print(f"heads: {res['heads']}\nwrote {' and '.join(map(str, written))}", highlight=False)
 
 
 @calibrate_app.command("moa")
@@ -543,7 +596,7 @@ def calibrate_moa_cmd(
     import_official: Path = typer.Option(None, "--import-official",
                                          help='convert an official {"alphas", "betas"} file instead of searching'),
     export_official: Path = typer.Option(None, "--export-official", help="also write the official format"),
-    out: Path = typer.Option(..., "--out", help="plan JSON to write"),
+    out: Path = typer.Option(None, "--out", help="also write the plan here (it always goes to the plan store, `llmpatch plans`)"),
 ):  # fmt: skip
     """MoA: gradient profiling + MILP (scipy HiGHS) plan search -> plan with per-head (alpha, beta)."""
     from . import adapters
@@ -559,6 +612,9 @@ def calibrate_moa_cmd(
 
     try:
         length_list = _csv(lengths, int, "lengths")
+        budgets = _csv(density, float, "density")
+        if len(budgets) > 1 and out is None:
+            raise ParameterError("--out: give it with several --density budgets (one plan file per budget)")
         m, tok = load_model(model, progress=err.print)
         spec = adapters.detect(m)
         if import_official is not None:
@@ -567,7 +623,6 @@ def calibrate_moa_cmd(
                         provenance=provenance(imported_from=str(import_official)))  # fmt: skip
         else:
             hay = Haystack(haystack) if haystack else None
-            budgets = _csv(density, float, "density")
             many = len(budgets) > 1
             found = moa_search.search(m, tok, density=budgets if many else budgets[0], lengths=length_list,
                                       validate_length=validate_length, samples=samples, seed=seed, haystack=hay,
@@ -577,17 +632,20 @@ def calibrate_moa_cmd(
                 if many
                 else [out]
             )
+            written = []
             for res, path in zip(found if many else [found], outs, strict=True):
-                moa_search.to_plan(res, spec).save(path)
+                plan = moa_search.to_plan(res, spec)
+                written += [plan.save(path)] if many else _keep(plan, out)
                 _show_moa(res, model)
-            params, out = res["params"], ", ".join(str(p) for p in outs)
+            params = res["params"]
         if import_official is not None:
-            plan.save(out)
+            written = _keep(plan, out)
         if export_official is not None:
             export_official.write_text(json.dumps(moa.export_official(params)) + "\n")
     except LlmpatchError as exc:
         _fail(str(exc))
-    console.print(f"wrote {out}" + (f" and {export_official}" if export_official else ""), highlight=False)
+    wrote = [*written, *([export_official] if export_official else [])]
+    console.print(f"wrote {' and '.join(map(str, wrote))}", highlight=False)
 
 
 def _show_moa(res: dict, model: str) -> None:
@@ -777,7 +835,22 @@ def _root(version: bool = typer.Option(False, "--version", help="print the versi
 
 
 def main():
-    app()
+    """`--debug` anywhere on the line shows the traceback of a failure; without it a failure no command names
+    is one `error:` line and exit code 2."""
+    debug = "--debug" in sys.argv[1:]
+    if debug:
+        sys.argv.remove("--debug")
+    try:
+        app()
+    except Exception as exc:
+        if debug:
+            raise
+        try:
+            _fail(
+                f"{type(exc).__name__}: {exc} (an unexpected failure; run again with --debug for the traceback)"
+            )
+        except typer.Exit as done:
+            sys.exit(done.exit_code)
 
 
 if __name__ == "__main__":

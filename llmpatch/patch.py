@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import attention, methods
+from . import attention, methods, plan_store
 from .adapters import ModelSpec, attention_modules, detect, execution_devices
 from .decisions import LayerDecision
 from .errors import ParameterError, PatchStateError, UnsupportedModelError
 from .kernels.density import SparsityTracker
-from .kernels.dispatch import check_backend
+from .kernels.dispatch import check_backend, interpreting
 from .plan import Plan, provenance
 
 PATCH_ATTR = "_llmpatch_patch"
@@ -33,6 +33,7 @@ class Patch:
         self.layers = layers
         self.original_impl = original_impl
         self.source_plan = plan
+        self.plan_sources: list = []  # plan="auto": the stored / shipped plans used (plan_store.Found)
         self.active = True
         self._undo: list = []  # callbacks for wrappers / caches that later methods install
 
@@ -118,6 +119,8 @@ def apply(
     """Patch `model` with one method or several composed ones; returns the Patch.
 
     `plan` is a path, dict or Plan (schema v1); its parameters for each method are overridden by `overrides`.
+    `plan="auto"`: each method that needs a plan and was given none of its data gets the stored or shipped plan
+    for this model (`plan_store`; `patch.plan_sources` says which), or an error naming the calibrate command.
     """
     spec = detect(model)
     existing = current_patch(model)
@@ -133,7 +136,18 @@ def apply(
         methods.get(name)
     if len(set(names)) != len(names):
         raise ParameterError(f"method: {names} names a method twice")
-    check_backend(backend)
+    try:
+        check_backend(backend)
+    except ValueError as exc:
+        raise ParameterError(str(exc)) from None
+    if backend == "triton" and not interpreting():
+        off = sorted({str(d) for d in execution_devices(model) if torch.device(d).type != "cuda"})
+        if off:
+            raise ParameterError(f"backend: 'triton' needs the model on CUDA devices; this one runs on {off}. "
+                                 "Use 'cpu', 'sdpa', 'reference' or None (by device)")  # fmt: skip
+    found = []
+    if isinstance(plan, str) and plan == "auto":
+        plan, found = plan_store.resolve(spec, names, overrides, plan_store.model_name(model))
     loaded = Plan.load(plan) if plan is not None else None
     if loaded is not None:
         loaded.check_model(spec)
@@ -181,6 +195,7 @@ def apply(
         model.set_attn_implementation(original)
         raise
     patch = Patch(model, spec, instances, layers, original, loaded)
+    patch.plan_sources = found
     patch._undo.extend(undo)
     model.__dict__[PATCH_ATTR] = patch
     return patch

@@ -85,9 +85,14 @@ class Plan:
         if not path.is_file():
             raise PlanError(f"plan: file {str(path)!r} does not exist")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"plan: {str(path)!r} is not valid JSON ({exc})") from None
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            what = (
+                "not UTF-8 text (a pickle or other binary file?)"
+                if isinstance(exc, UnicodeDecodeError)
+                else exc
+            )
+            raise PlanError(f"plan: {str(path)!r} is not a JSON plan: {what}") from None
         return cls.from_dict(data, source=repr(str(path)))
 
     def check_model(self, spec: ModelSpec) -> None:

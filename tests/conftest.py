@@ -1,8 +1,11 @@
 import hashlib
 import os
+import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# calibrations run by the tests store their plans here, never in the user's plan store
+os.environ["LLMPATCH_PLANS"] = tempfile.mkdtemp(prefix="llmpatch-test-plans-")
 os.environ.setdefault(
     "TRITON_INTERPRET", "1"
 )  # Triton kernels run on CPU tensors in tests (before triton loads)

@@ -37,6 +37,12 @@ def test_bad_set_is_a_clear_error(smollm2):
         (["--max-memory", "cpu=1GiB"], "--max-memory: give it with --device-map"),
         (["--device-map", "{bad"], "--device-map: not valid JSON"),
         (["--device-map", "auto", "--max-memory", "lots"], "--max-memory: expected device=size pairs"),
+        (["--backend", "bogus"], "backend: must be one of reference, sdpa, cpu, triton"),
+        (
+            ["--save-plan", "/no/such/folder/p.json"],
+            "--save-plan: '/no/such/folder/p.json' must be a file in",
+        ),
+        (["--json", "."], "--json: '.' must be a file in an existing folder"),
     ],
 )
 def test_bad_placement_is_refused_before_the_model_loads(args, message):
@@ -171,3 +177,19 @@ def test_bench_accuracy_runs_resumes_and_refuses_bad_input(smollm2, tmp_path):
     recipe.write_text("model: smollm2-135m\nmix: {split: train}\n")
     result = runner.invoke(app, ["bench", "accuracy", str(recipe)])
     assert result.exit_code == 2 and "mix.split" in result.output
+
+
+def test_an_unexpected_failure_is_one_line_and_debug_shows_the_traceback():
+    import subprocess
+    import sys
+
+    code = ("import sys, llmpatch.cli as c\n"
+            "def boom(): raise RuntimeError('boom [1, 2]')\n"
+            "c.app = boom\nsys.argv = ['llmpatch', *sys.argv[1:]]\nc.main()")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "error: RuntimeError: boom [1, 2] (an unexpected failure; run again with --debug" in " ".join(
+        done.stderr.split()
+    )
+    done = subprocess.run([sys.executable, "-c", code, "--debug"], capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" in done.stderr and "RuntimeError: boom" in done.stderr

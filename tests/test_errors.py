@@ -1,6 +1,7 @@
 """Bad input gets a clear error naming the parameter, and the model is left untouched."""
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -93,7 +94,9 @@ def test_plan_for_another_model(model, tmp_path):
 @pytest.mark.parametrize(
     "content, match",
     [
-        ("{not json", r"is not valid JSON"),
+        ("{not json", r"is not a JSON plan"),
+        (pickle.dumps({"schema": "llmpatch.plan"}), r"is not a JSON plan: not UTF-8 text \(a pickle"),
+        (bytes(range(256)), r"is not a JSON plan: not UTF-8 text"),
         (json.dumps({"schema": "x"}), r"has schema 'x'; expected 'llmpatch.plan'"),
         (json.dumps({"schema": "llmpatch.plan", "version": 9}), r"has version 9; this llmpatch reads 1"),
         (json.dumps({"schema": "llmpatch.plan", "version": 1, "model": {}}), r"missing the 'methods' key"),
@@ -101,9 +104,10 @@ def test_plan_for_another_model(model, tmp_path):
 )
 def test_malformed_plan(model, tmp_path, content, match):
     path = tmp_path / "plan.json"
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(llmpatch.PlanError, match=match):
         llmpatch.apply(model, "dense", plan=path)
+    assert llmpatch.current_patch(model) is None
 
 
 def test_plan_without_the_method(model, tmp_path):

@@ -72,12 +72,21 @@ def test_plan_entry_drives_the_mask(tmp_path):
         assert p.layers[2].head_mask.modes.tolist()[0] == 1
 
 
+def test_retrieval_mask_defaults_to_the_heads_above_the_threshold():
+    model = tiny_model("llama")
+    scores = scores_for(llmpatch.detect(model), hot=[(0, 1, 0.5), (2, 3, 0.3)])
+    want = sorted((li, hi) for li, row in enumerate(scores) for hi, s in enumerate(row) if s > 0.1)
+    with llmpatch.patched(model, "retrieval_mask", scores=scores) as p:
+        assert p.methods[0].selected(p.spec) == want == [(0, 1), (2, 3)]
+
+
 @pytest.mark.parametrize(
     "params,match",
     [
         ({"top_k": 10_000}, "'top_k' must be in 1..12"),
         ({"random": 12}, "'random' must be in"),
-        ({"top_k": 2, "random": 2}, "exactly one of"),
+        ({"top_k": 2, "random": 2}, "at most one of"),
+        ({"threshold": 5.0}, "no head scores above 'threshold' 5.0"),
         ({"heads": [[0, 99]]}, "head in 0..3"),
         ({"heads": [[7, 0]]}, "layer in 0..2"),
         ({"top_k": 0}, "'top_k' must be an int >= 1"),

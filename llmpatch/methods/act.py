@@ -70,6 +70,7 @@ def search_space(spec) -> list[tuple[int, int]]:
 @dataclasses.dataclass
 class Act(Method):
     name = "act"
+    plan_keys = ("heads",)
     summary = "attention calibration: scale hidden attention sinks by beta in searched heads (ACT)"
 
     heads: list | str | None = param(
@@ -86,7 +87,8 @@ class Act(Method):
         if self.heads is None:
             raise ParameterError(
                 "act: parameter 'heads' is required: pass plan=act.json from `llmpatch calibrate act`, "
-                "heads=[[layer, head], ...], or heads='all' (every head of layers 2..L-2)"
+                "heads=[[layer, head], ...], heads='all' (every head of layers 2..L-2), or plan='auto' for the "
+                "stored or shipped plan (`llmpatch plans`)"
             )
         if isinstance(self.heads, str):
             if self.heads != "all":

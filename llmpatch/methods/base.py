@@ -43,6 +43,9 @@ class Method:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     plan_entry: ClassVar[str | None] = None  # a shared plan entry to read when the plan has none by `name`
+    plan_keys: ClassVar[
+        tuple[str, ...]
+    ] = ()  # parameters a plan supplies; plan="auto" finds one when none is given
 
     @classmethod
     def from_params(cls, params: dict | None = None) -> Method:

@@ -46,6 +46,7 @@ def density_at(alphas, betas, n: int, *, min_span: int = 128) -> float:
 @dataclasses.dataclass
 class MoA(ElasticSinkWindow):
     name = "moa"
+    plan_keys = ("alphas", "betas")
     summary = "per-head elastic sink + window from a profiled plan, with a per-head ring-buffer decode cache"
 
     alphas: list | None = param(None, "a [layers][heads] list of numbers (tokens), from a plan", _matrix_ok)
@@ -60,7 +61,7 @@ class MoA(ElasticSinkWindow):
         if self.alphas is None or self.betas is None:
             raise ParameterError(
                 "moa: parameters 'alphas' and 'betas' are required; pass plan=... from `llmpatch calibrate moa` "
-                "(or moa.import_official)"
+                "(or moa.import_official), or plan='auto' for the stored or shipped plan (`llmpatch plans`)"
             )
         for key in ("alphas", "betas"):
             m = getattr(self, key)

@@ -1,7 +1,8 @@
 """Retrieval-head masking: the causal test of Wu et al. (2024), "Retrieval Head Mechanistically Explains
 Long-Context Factuality" (docs/METHODS.md §5).
 
-Which heads: exactly one of
+Which heads: at most one of
+- none: the retrieval heads, those scoring above `threshold` (0.1, the paper's cut-off) in the ranking;
 - `top_k`: the K highest-scoring heads of the plan's `scores` (from `llmpatch calibrate retrieval`);
 - `heads`: an explicit list of [layer, head] pairs;
 - `random`: K heads drawn (with `seed`) from the non-retrieval heads: neither among the top K nor above
@@ -41,14 +42,21 @@ class RetrievalMask(ScoredHeads):
     def selected(self, spec) -> list[tuple[int, int]]:
         """The (layer, head) pairs this configuration masks, checked against the model."""
         chosen = [k for k in ("top_k", "heads", "random") if getattr(self, k) is not None]
-        if len(chosen) != 1:
+        if len(chosen) > 1:
             raise ParameterError(
-                f"{self.name}: give exactly one of 'top_k', 'heads' or 'random', got {chosen or 'none'}"
+                f"{self.name}: give at most one of 'top_k', 'heads' or 'random', got {chosen}"
             )
         total = spec.num_layers * spec.num_heads
         if self.heads is not None:
             return check_head_pairs(self.name, self.heads, spec)
-        ranked = ranked_heads(self.ranking(spec))
+        table = self.ranking(spec)
+        ranked = ranked_heads(table)
+        if not chosen:
+            above = sorted(p for p in ranked if table[p[0]][p[1]] > self.threshold)
+            if not above:
+                raise ParameterError(f"{self.name}: no head scores above 'threshold' {self.threshold}; lower it "
+                                     "or give top_k, heads or random")  # fmt: skip
+            return above
         k = self.top_k if self.top_k is not None else self.random
         key = "top_k" if self.top_k is not None else "random"
         if self.top_k is not None:

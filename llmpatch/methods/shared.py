@@ -115,6 +115,7 @@ class ScoredHeads(Method):
     retrieval_kv."""
 
     plan_entry = "retrieval_heads"
+    plan_keys = ("scores", "heads")
 
     scores: list | None = param(None, "a layers x heads list of retrieval scores (a retrieval plan)")
     mass_scores: list | None = param(
@@ -131,7 +132,8 @@ class ScoredHeads(Method):
         if self.scores is None:
             raise ParameterError(
                 f"{self.name}: needs per-head scores: pass plan=heads.json from `llmpatch calibrate retrieval` "
-                "(or scores=...), or list the heads with heads=[[layer, head], ...]"
+                "(or scores=...), plan='auto' for the stored or shipped plan (`llmpatch plans`), or list the heads "
+                "with heads=[[layer, head], ...]"
             )
         check_scores(self.name, self.scores, spec)
         if self.score == "copy":
