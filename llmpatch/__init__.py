@@ -20,7 +20,7 @@ from .errors import (  # noqa: E402
     PlanError,
     UnsupportedModelError,
 )
-from .patch import Patch, apply, current_patch, patched  # noqa: E402
+from .patch import Patch, apply, check, current_patch, patched  # noqa: E402
 from .plan import Plan  # noqa: E402
 
 
@@ -41,6 +41,7 @@ def load_model(name: str, **kwargs):
 __all__ = [
     "__version__",
     "apply",
+    "check",
     "patched",
     "Patch",
     "Plan",

@@ -206,6 +206,7 @@ def apply_cmd(
     from . import apply
     from .measure import generate_timed
     from .models import load_model
+    from .patch import check
 
     if prompt_file is not None:
         if not prompt_file.is_file():
@@ -217,13 +218,8 @@ def apply_cmd(
         if path is not None and (path.is_dir() or not path.parent.is_dir()):
             _fail(f"{flag}: {str(path)!r} must be a file in an existing folder")
     try:
-        from .kernels.dispatch import check_backend
-
-        check_backend(backend)
-    except ValueError as exc:
-        _fail(str(exc))
-    try:
         overrides = parse_sets(sets)
+        check(list(method), plan, backend=backend, **overrides)  # before the model loads
         m, tok = load_model(model, progress=err.print, **placement(device_map, max_memory))
         text = _templated(tok, prompt, raw)
         runs = {}
@@ -330,6 +326,7 @@ def run_cmd(
     from .evals.runner import MethodConfig, run_suite, write_report
     from .evals.suites import get_suite
     from .models import load_model
+    from .patch import check
 
     try:
         get_suite(suite)
@@ -341,6 +338,8 @@ def run_cmd(
             if method
             else []
         )
+        for c in configs:  # before the model loads
+            check(c.methods, c.plan, **c.params)
         m, tok = load_model(model, progress=err.print, **placement(device_map, max_memory))
         with Progress(console=err) as progress:
             result = run_suite(m, tok, suite, lengths=length_list, samples=samples, depths=depth_list,

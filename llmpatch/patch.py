@@ -113,6 +113,35 @@ def _route_overrides(names: list[str], overrides: dict) -> dict[str, dict]:
     return routed
 
 
+def check(method: str | list[str], plan=None, *, backend: str | None = None, **overrides) -> list[str]:
+    """Everything apply() can check without the model: method names, backend, the plan file, and every given
+    parameter's type and range (plan + overrides). The CLI calls it before loading the model. Returns the
+    method names. The checks that need the model (head counts, a plan's fingerprint) stay in apply()."""
+    names = (
+        [method] if isinstance(method, str) else list(method) if isinstance(method, (list, tuple)) else None
+    )
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ParameterError(
+            f"method: give a method name or a list of names; available: {', '.join(methods.REGISTRY)}, "
+            f"got {method!r}"
+        )
+    for name in names:
+        methods.get(name)
+    if len(set(names)) != len(names):
+        raise ParameterError(f"method: {names} names a method twice")
+    try:
+        check_backend(backend)
+    except ValueError as exc:
+        raise ParameterError(str(exc)) from None
+    loaded = None if plan is None or (isinstance(plan, str) and plan == "auto") else Plan.load(plan)
+    routed = _route_overrides(names, overrides)
+    for name in names:
+        cls = methods.get(name)
+        params = loaded.params_for(name, cls.plan_entry) if loaded is not None else {}
+        cls.from_params({**params, **routed[name]})
+    return names
+
+
 def apply(
     model: nn.Module, method: str | list[str], plan=None, *, backend: str | None = None, **overrides
 ) -> Patch:
@@ -122,6 +151,7 @@ def apply(
     `plan="auto"`: each method that needs a plan and was given none of its data gets the stored or shipped plan
     for this model (`plan_store`; `patch.plan_sources` says which), or an error naming the calibrate command.
     """
+    names = check(method, plan, backend=backend, **overrides)
     spec = detect(model)
     existing = current_patch(model)
     if existing is not None:
@@ -129,17 +159,6 @@ def apply(
             f"model: already patched with {[m.name for m in existing.methods]}; call patch.remove() first, "
             "or compose methods in one call: llmpatch.apply(model, ['method_a', 'method_b'])"
         )
-    names = [method] if isinstance(method, str) else list(method)
-    if not names:
-        raise ParameterError(f"method: give at least one method; available: {', '.join(methods.REGISTRY)}")
-    for name in names:
-        methods.get(name)
-    if len(set(names)) != len(names):
-        raise ParameterError(f"method: {names} names a method twice")
-    try:
-        check_backend(backend)
-    except ValueError as exc:
-        raise ParameterError(str(exc)) from None
     if backend == "triton" and not interpreting():
         off = sorted({str(d) for d in execution_devices(model) if torch.device(d).type != "cuda"})
         if off:

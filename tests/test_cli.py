@@ -43,10 +43,19 @@ def test_bad_set_is_a_clear_error(smollm2):
             "--save-plan: '/no/such/folder/p.json' must be a file in",
         ),
         (["--json", "."], "--json: '.' must be a file in an existing folder"),
+        (
+            ["--method", "sink_window", "--set", "window=-3"],
+            "sink_window: parameter 'window' must be an int >= 1",
+        ),
+        (["--method", "moa", "--set", "bogus=1"], "moa: unknown parameter 'bogus'"),
+        (["--method", "dense", "--method", "dense"], "method: ['dense', 'dense'] names a method twice"),
+        (["--plan", "README.md"], "plan: 'README.md' is not a JSON plan"),
     ],
 )
-def test_bad_placement_is_refused_before_the_model_loads(args, message):
-    result = runner.invoke(app, ["apply", "--method", "dense", "--model", "no/such-model", "-p", "hi", *args])
+def test_bad_input_is_refused_before_the_model_loads(args, message):
+    """A missing model would be the error if these were checked after loading it."""
+    args = args if "--method" in args else ["--method", "dense", *args]
+    result = runner.invoke(app, ["apply", "--model", "no/such-model", "-p", "hi", *args])
     assert result.exit_code == 2 and message in result.output, result.output
 
 
