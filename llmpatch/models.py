@@ -101,6 +101,9 @@ ALIASES: dict[str, Alias] = {
 }
 
 
+DTYPES = ("float32", "float16", "bfloat16")
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("LLMPATCH_CACHE") or Path.home() / ".cache" / "llmpatch")
 
@@ -234,6 +237,8 @@ def load_model(
         raise ModelFetchError(
             "tp_plan: give tp_plan (tensor parallelism) or device_map (accelerate), not both"
         )
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise ModelFetchError(f"dtype: must be one of {', '.join(DTYPES)} (or a torch.dtype), got {dtype!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     first = _distributed_first(device) if tp_plan is not None else contextlib.nullcontext()
     with first:  # under tensor parallelism, rank 0 fetches an alias while the others wait
@@ -242,19 +247,33 @@ def load_model(
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
     elif isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    placed = {k: v for k, v in (("tp_plan", tp_plan), ("device_map", device_map), ("max_memory", max_memory),
+                                ("offload_folder", offload_folder)) if v is not None}  # fmt: skip
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            **placed,
+        )
+    except (OSError, ValueError) as exc:
+        local = Path(name).expanduser()
+        looked = (
+            f"the local path {str(local.resolve())!r}, which is not a model folder (config.json, weights and "
+            "tokenizer)"
+            if local.exists()
+            else f"no local path {str(local.resolve())!r}, so the HF hub id {name!r}"
+        )
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFetchError(
+            f"model: cannot load {name!r}: not a built-in alias ({', '.join(ALIASES)}); looked for {looked} "
+            f"({reason})"
+        ) from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    placed = {k: v for k, v in (("tp_plan", tp_plan), ("device_map", device_map), ("max_memory", max_memory),
-                                ("offload_folder", offload_folder)) if v is not None}  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=dtype,
-        attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code,
-        **placed,
-    )
     if tp_plan is None and device_map is None:
         model = model.to(device)
     return model.eval(), tokenizer

@@ -94,10 +94,10 @@ def current_patch(model: nn.Module) -> Patch | None:
 
 
 def _route_overrides(names: list[str], overrides: dict) -> dict[str, dict]:
-    """Overrides for one method are flat; for several, `act={...}` or a flat key only one method has."""
+    """Overrides are flat keys (for several methods, a key only one of them has) or per method, `act={...}`."""
     routed: dict[str, dict] = {n: {} for n in names}
     for key, value in overrides.items():
-        if key in routed and len(names) > 1 and isinstance(value, dict):
+        if key in routed and isinstance(value, dict):
             routed[key].update(value)
             continue
         if len(names) == 1:

@@ -2,6 +2,7 @@
 
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from typer.testing import CliRunner
 import llmpatch
 from llmpatch import models
 from llmpatch.cli import app
-from llmpatch.testing import tiny_model
+from llmpatch.testing import per_head, tiny_model
 
 
 @pytest.fixture
@@ -56,6 +57,36 @@ def test_unknown_method(model):
 def test_bad_parameters(model, overrides, match):
     with pytest.raises(llmpatch.ParameterError, match=match):
         llmpatch.apply(model, "sink_window", **overrides)
+
+
+def _grid(v, at=None, bad=None):
+    g = per_head(3, 4, lambda li, h: v)
+    if at is not None:
+        g[at[0]][at[1]] = bad
+    return g
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "method, params, match",
+    [
+        ("moa", {"alphas": _grid(8.0, (1, 2), NAN), "betas": _grid(0.1)}, r"'alphas' must hold finite numbers; \[1\]\[2\] is nan"),
+        ("moa", {"alphas": _grid(8.0, (0, 0), -5000.0), "betas": _grid(0.1)}, r"'alphas' must hold offsets within \+-512"),
+        ("moa", {"alphas": _grid(8.0), "betas": _grid(0.1, (2, 3), 1.5)}, r"'betas' must be .* numbers in \[0, 1\]"),
+        ("moa", {"alphas": _grid(8.0), "betas": _grid(0.1, (0, 1), INF)}, r"'betas' must hold finite numbers; \[0\]\[1\] is inf"),
+        ("retrieval_kv", {"scores": _grid(0.2, (0, 1), NAN), "top_k": 2}, r"'scores' must hold finite numbers"),
+        ("retrieval_mask", {"scores": _grid(0.2), "mass_scores": _grid(0.1, (2, 0), -INF), "score": "mass"},
+         r"'mass_scores' must hold finite numbers; \[2\]\[0\] is -inf"),
+        ("act", {"heads": "all", "beta": NAN}, r"act: parameter 'beta' must hold finite numbers; the value is nan"),
+        ("streamingllm", {"density": INF}, r"'density' must hold finite numbers"),
+        ("dhsa", {"budget": 16, "per_128": NAN}, r"dhsa: parameter 'per_128' must hold finite numbers"),
+    ],
+)  # fmt: skip
+def test_nan_inf_and_out_of_range_numbers_are_refused(model, method, params, match):
+    with pytest.raises(llmpatch.ParameterError, match=match):
+        llmpatch.apply(model, method, **params)
 
 
 def test_bad_backend(model):
@@ -141,6 +172,23 @@ def test_unknown_alias():
         llmpatch.load_model("smollm9")
     result = CliRunner().invoke(app, ["models", "fetch", "smollm9"])
     assert result.exit_code == 2 and "unknown alias 'smollm9'" in result.output
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, match",
+    [
+        (
+            str(Path(__file__).parents[1] / "README.md"),
+            {},
+            r"looked for the local path '.*README.md', which is not a model folder",
+        ),
+        (str(Path(__file__).parent), {}, r"looked for the local path '.*tests', which is not a model folder"),
+        ("smollm2-135m", {"dtype": "float33"}, r"dtype: must be one of float32, float16, bfloat16"),
+    ],
+)
+def test_load_model_says_what_it_looked_for(name, kwargs, match):
+    with pytest.raises(llmpatch.ModelFetchError, match=match):
+        llmpatch.load_model(name, **kwargs)
 
 
 def test_corrupted_download_is_rejected_and_deleted(tmp_path):

@@ -8,6 +8,7 @@ and names the parameter and the allowed values in every error.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Callable
 from typing import ClassVar
@@ -19,6 +20,23 @@ from ..errors import ParameterError
 
 def param(default, allowed: str, check: Callable[[object], bool] | None = None):
     return dataclasses.field(default=default, metadata={"allowed": allowed, "check": check})
+
+
+def _not_finite(value, at: str = "") -> str | None:
+    """Where a NaN or infinity sits in a number or nested list (e.g. "[3][1]"), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return at or "the value"
+    if isinstance(value, (list, tuple)):
+        for i, x in enumerate(value):
+            if (where := _not_finite(x, f"{at}[{i}]")) is not None:
+                return where
+    return None
+
+
+def _at(value, where: str):
+    for i in [int(x) for x in where.strip("[]").split("][") if x.isdigit()]:
+        value = value[i]
+    return value
 
 
 def _type_ok(value, hint) -> bool:
@@ -58,6 +76,9 @@ class Method:
             )
         hints = typing.get_type_hints(cls)
         for key, value in params.items():
+            if (where := _not_finite(value)) is not None:
+                raise ParameterError(f"{cls.name}: parameter {key!r} must hold finite numbers; "
+                                     f"{where} is {_at(value, where)}")  # fmt: skip
             f = fields[key]
             allowed = f.metadata.get("allowed", str(hints[key]))
             check = f.metadata.get("check")

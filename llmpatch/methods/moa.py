@@ -29,9 +29,10 @@ from .base import param
 from .shared import ElasticSinkWindow, spans_at, tail_param
 
 
-def _matrix_ok(v) -> bool:
+def _matrix_ok(v, lo: float = float("-inf"), hi: float = float("inf")) -> bool:
     return isinstance(v, list) and all(
-        isinstance(r, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in r)
+        isinstance(r, list)
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) and lo <= x <= hi for x in r)
         for r in v
     )
 
@@ -50,7 +51,9 @@ class MoA(ElasticSinkWindow):
     summary = "per-head elastic sink + window from a profiled plan, with a per-head ring-buffer decode cache"
 
     alphas: list | None = param(None, "a [layers][heads] list of numbers (tokens), from a plan", _matrix_ok)
-    betas: list | None = param(None, "a [layers][heads] list of numbers in [0, 1], from a plan", _matrix_ok)
+    betas: list | None = param(
+        None, "a [layers][heads] list of numbers in [0, 1], from a plan", lambda v: _matrix_ok(v, 0, 1)
+    )
     sink: int = param(64, "an int >= 0", lambda v: v >= 0)
     min_span: int = param(128, "an int >= 1", lambda v: v >= 1)
     length: int | None = param(None, "null (each prompt's length) or an int >= 1", lambda v: v >= 1)
@@ -71,8 +74,11 @@ class MoA(ElasticSinkWindow):
                     f"moa: parameter {key!r} must be [{spec.num_layers}][{spec.num_heads}] (layers x query heads "
                     f"of this model), got {shape}: a plan for another model?"
                 )
-        if any(not 0 <= b <= 1 for r in self.betas for b in r):
-            raise ParameterError("moa: parameter 'betas' must hold numbers in [0, 1]")
+        context = spec.max_position_embeddings
+        if context and any(abs(a) > context for r in self.alphas for a in r):
+            worst = max((a for r in self.alphas for a in r), key=abs)
+            raise ParameterError(f"moa: parameter 'alphas' must hold offsets within +-{context} tokens (the "
+                                 f"model's context), got {worst}")  # fmt: skip
 
     def spans(self, spec):
         return lambda n: spans_at(self.alphas, self.betas, n, sink=self.sink, min_span=self.min_span)
