@@ -162,6 +162,16 @@ def _templated(tokenizer, text: str, raw: bool) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def _check_context(model, tokenizer, text: str, max_new_tokens: int, beyond_context: bool) -> None:
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    n = len(tokenizer(text, add_special_tokens=False).input_ids)
+    if limit and n + max_new_tokens > limit and not beyond_context:
+        raise ParameterError(
+            f"prompt: {n} tokens + --max-new-tokens {max_new_tokens} is past the model's context of {limit} "
+            "tokens (max_position_embeddings); pass --beyond-context to run past it on purpose"
+        )
+
+
 def _say_plans(patch) -> None:
     from .plan_store import describe
 
@@ -201,6 +211,9 @@ def apply_cmd(
     json_out: Path = typer.Option(None, "--json", help="write outputs, timings and metadata as JSON"),
     device_map: str = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
     max_memory: str = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
+    beyond_context: bool = typer.Option(
+        False, "--beyond-context", help="allow a prompt past the model's context (length extrapolation)"
+    ),
 ):
     """Generate with a patched model (and, with --compare, with the unpatched one)."""
     from . import apply
@@ -222,6 +235,11 @@ def apply_cmd(
         check(list(method), plan, backend=backend, **overrides)  # before the model loads
         m, tok = load_model(model, progress=err.print, **placement(device_map, max_memory))
         text = _templated(tok, prompt, raw)
+        _check_context(m, tok, text, max_new_tokens, beyond_context)
+        patch = apply(
+            m, list(method), plan or "auto", backend=backend, **overrides
+        )  # checked before --compare
+        patch.remove()
         runs = {}
         if compare:
             runs["unpatched"] = generate_timed(m, tok, text, max_new_tokens)
@@ -229,7 +247,7 @@ def apply_cmd(
         _say_plans(patch)
         try:
             label = "+".join(method)
-            runs[label] = generate_timed(m, tok, text, max_new_tokens)
+            runs[label] = generate_timed(m, tok, text, max_new_tokens, tracker=patch.track_sparsity())
             if save_plan is not None and not _quiet:
                 patch.save(save_plan)
             description = patch.describe()
@@ -240,13 +258,21 @@ def apply_cmd(
 
     console.print(description.splitlines()[0], highlight=False)
     table = Table(title=f"{model}, {next(iter(runs.values())).prompt_tokens} prompt tokens")
-    for col in ("run", "output", "TTFT s", "decode tok/s", "peak MB"):
+    table.add_column("run", no_wrap=True)
+    for col in ("output", "TTFT s", "decode tok/s", "attn", "KV MB", "KV saved", "peak MB"):
         table.add_column(col)
     for name, r in runs.items():
         rate = f"{r.decode_tokens_per_s:.1f}" if r.decode_tokens_per_s else "-"
         mem = f"{r.peak_memory_mb:.0f}" if r.peak_memory_mb else "-"
-        table.add_row(name, r.text.strip(), f"{r.ttft_s:.2f}", rate, mem)
+        kv = f"{r.kv_bytes / 1e6:.1f}" if r.kv_bytes is not None else "-"
+        saved = (
+            f"{1 - r.kv_bytes / r.dense_kv_bytes:.1%}" if r.kv_bytes is not None and r.dense_kv_bytes else "-"
+        )
+        table.add_row(escape(name), escape(r.text.strip()), f"{r.ttft_s:.2f}", rate,
+                      f"{r.attention_computed:.1%}", kv, saved, mem)  # fmt: skip
     console.print(table)
+    console.print("attn: share of the causal attention scores computed; KV MB: the KV cache at the end (weights "
+                  "not included); peak MB: the process's peak (weights included)", highlight=False)  # fmt: skip
     if json_out is not None and not _quiet:
         from .meta import run_metadata
 

@@ -88,14 +88,18 @@ class GenerationResult:
     peak_memory_mb: float | None
     kv_bytes: int | None = None  # what the KV cache held at the end
     dense_kv_bytes: int | None = None  # what the model's own cache would hold for the same tokens
+    attention_computed: float = 1.0  # computed / causal attention scores over the run (1.0: dense)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 @torch.inference_mode()
-def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> GenerationResult:
-    """Greedy generation of one prompt (already templated) with timings."""
+def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int = 32, tracker=None) -> GenerationResult:
+    """Greedy generation of one prompt (already templated) with timings; `tracker` (Patch.track_sparsity())
+    gives the share of the causal attention computed."""
+    if tracker is not None:
+        tracker.reset()
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
     clock = _Clock()
     timer = _PrefillTimer(model)
@@ -130,6 +134,7 @@ def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> G
         peak_memory_mb=mem.mb,
         kv_bytes=kv[0],
         dense_kv_bytes=kv[1],
+        attention_computed=tracker.density if tracker is not None else 1.0,
     )
 
 

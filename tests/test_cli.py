@@ -1,6 +1,7 @@
 """The CLI end to end on the real small model (offline once cached)."""
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -78,17 +79,20 @@ def test_info_and_models_list(smollm2):
 @pytest.mark.real
 def test_apply_compare_writes_json(smollm2, tmp_path):
     out, plan = tmp_path / "run.json", tmp_path / "plan.json"
-    result = runner.invoke(app, ["apply", "--method", "sink_window", "--set", "window=32", "--model", "smollm2-135m",
+    result = runner.invoke(app, ["apply", "--method", "sink_window", "--set", "window=8", "--set", "sink=4", "--model", "smollm2-135m",
                                  "--prompt", "What is the capital of France?", "--max-new-tokens", "6", "--compare",
                                  "--json", str(out), "--save-plan", str(plan)])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "unpatched" in result.output and "sink_window" in result.output and "TTFT" in result.output
     data = json.loads(out.read_text())
     assert set(data["runs"]) == {"unpatched", "sink_window"}
+    assert "saved" in result.output and "attn" in result.output
     for run in data["runs"].values():
         assert run["new_tokens"] >= 1 and run["ttft_s"] > 0 and run["peak_memory_mb"] > 0
+    assert data["runs"]["unpatched"]["attention_computed"] == 1.0
+    assert data["runs"]["sink_window"]["attention_computed"] < 1.0
     assert {"llmpatch", "torch", "transformers", "git_commit", "argv"} <= set(data["metadata"])
-    assert json.loads(plan.read_text())["methods"][0]["params"]["window"] == 32
+    assert json.loads(plan.read_text())["methods"][0]["params"]["window"] == 8
     result = runner.invoke(app, ["apply", "--method", "sink_window", "--plan", str(plan), "--model", "smollm2-135m",
                                  "--prompt", "Hi", "--max-new-tokens", "2"])  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -202,3 +206,20 @@ def test_an_unexpected_failure_is_one_line_and_debug_shows_the_traceback():
     )
     done = subprocess.run([sys.executable, "-c", code, "--debug"], capture_output=True, text=True)
     assert done.returncode == 1 and "Traceback" in done.stderr and "RuntimeError: boom" in done.stderr
+
+
+@pytest.mark.real
+def test_a_prompt_past_the_context_is_refused_unless_asked(smollm2, tmp_path):
+    from llmpatch.testing import tiny_model
+
+    d = tmp_path / "tiny"  # max_position_embeddings 512
+    tiny_model("llama", vocab_size=len(smollm2[1])).save_pretrained(d)
+    smollm2[1].save_pretrained(d)
+    args = ["apply", "--method", "dense", "--model", str(d), "--raw", "--max-new-tokens", "2",
+            "--prompt", "one two three " * 200]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    message = r"prompt: \d+ tokens \+ --max-new-tokens 2 is past the model's context of 512 tokens"
+    assert re.search(message, " ".join(result.output.split())), result.output
+    result = runner.invoke(app, [*args, "--beyond-context"])
+    assert result.exit_code == 0, result.output
