@@ -219,6 +219,43 @@ def test_entry_points_reject_bad_input():
         sink_window_attention(q, k, v, -1, 4)
 
 
+I32 = torch.int32
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda q, k, v: sink_window_attention(q, k, v, 1.9, 4), r"sink: must hold integers, got 1.9"),
+        (lambda q, k, v: sink_window_attention(q, k, v, torch.tensor([1, 2, 3]), 4), r"sink: expected shape \(\) or \(4,\)"),
+        (lambda q, k, v: sink_window_attention(q, k, v, 0, -2), r"window: must be >= -1, got -2"),
+        (lambda q, k, v: sink_window_attention(q, k, v, 0, 4, lengths=[100]), r"lengths: must be <= 32, got 100"),
+        (lambda q, k, v: sink_window_attention(q, k, v, 0, 4, lengths=[0]), r"lengths: must be >= 1, got 0"),
+        (lambda q, k, v: sink_window_attention(q, k, v, 0, 4, lengths=[3, 4]), r"lengths: expected shape \(1,\)"),
+        (lambda q, k, v: sink_window_attention(q, k, v, 0, 4, calib=[True] * 4, calib_beta=5), r"calib_beta: must be in \[0, 1\], got 5"),
+        (lambda q, k, v: sink_window_attention(q, k, v, 0, 4, calib_threshold=0), r"calib_threshold: must be in \(0, inf\]"),
+        (lambda q, k, v: sink_window_attention(q, k, v, 0, 4, softcap=0), r"softcap: must be in \(0, inf\], got 0"),
+        (lambda q, k, v: sink_window_attention(q, k, v, 0, 4, softcap=-3.0), r"softcap: must be in \(0, inf\]"),
+        (lambda q, k, v: sink_window_attention(q, k, v, 0, 4, scale=float("nan")), r"scale: must be a finite number"),
+        (lambda q, k, v: sink_window_attention(q, k, v, 0, 4, sliding_window=0), r"sliding_window: must be an int >= 1"),
+        (lambda q, k, v: sink_window_attention(q, k, v, 0, 4, head_mask=[0, 1]), r"head_mask: expected shape \(4,\)"),
+        (lambda q, k, v: sink_window_attention(q, k, v, 0, 4, head_mask=[0, 0, 0, 7]), r"head_mask: must be <= 2"),
+        (lambda q, k, v: sink_window_attention(q, k, v, 0, 4, calib=[1, 0, 1, 0]), r"calib: expected 4 booleans"),
+        (lambda q, k, v: sink_window_attention(q, k.double(), v, 0, 4), r"q, k, v: must share one floating dtype"),
+        (lambda q, k, v: sink_window_attention(q.long(), k, v, 0, 4), r"q, k, v: must share one floating dtype"),
+        (lambda q, k, v: sink_window_attention(q, k, v, 0, 4, calib_sinks=torch.zeros(1, 4, 32)), r"calib_sinks: expected a bool tensor"),
+        (lambda q, k, v: block_sparse_attention(q, k, v, torch.ones(1, 2, 1, dtype=I32), torch.full((1, 2, 1, 2), 999, dtype=I32), 16), r"kv_index: listed blocks must be in 0..1 \(Nk=32, block_size=16\), got 999"),
+        (lambda q, k, v: block_sparse_attention(q, k, v, torch.ones(1, 2, 1, dtype=I32), torch.full((1, 2, 1, 2), -1, dtype=I32), 16), r"kv_index: listed blocks must be in 0..1 .* got -1"),
+        (lambda q, k, v: block_sparse_attention(q, k, v, torch.full((1, 2, 1), 3, dtype=I32), torch.zeros(1, 2, 1, 2, dtype=I32), 16), r"kv_count: must be in 0..MAX_K=2, got 3..3"),
+        (lambda q, k, v: block_sparse_attention(q, k, v, torch.ones(1, 2, 1, dtype=I32), torch.zeros(1, 2, 1, 2), 16), r"kv_index: must be an int32 / int64 tensor"),
+        (lambda q, k, v: block_sparse_attention(q, k, v, torch.ones(1, 2, 1, dtype=I32), torch.zeros(1, 2, 1, 2, dtype=I32), 0), r"block_size: must be an int >= 1, got 0"),
+    ],
+)  # fmt: skip
+def test_every_kernel_argument_is_checked(call, match):
+    q, k, v = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16)
+    with pytest.raises(ValueError, match=match):
+        call(q, k, v)
+
+
 @SETTINGS
 @given(st.integers(1, 300), st.integers(0, 300), st.sampled_from([16, 64]), st.integers(-1, 40), st.integers(0, 70),
        st.integers(-5, 40), st.sampled_from([None, 33]))  # fmt: skip
