@@ -55,9 +55,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
     """Run one attention call; returns (out [B, H, Nq, D], calib_sinks or None)."""
     name = pick(backend, q.device, **kw)
     if name == "cpu":
-        return cpu.attention(q, k, v, **kw), None
+        return _exact_if_not_finite(cpu.attention(q, k, v, **kw), q, k, v, kw), None
     if name == "sdpa":
-        return sdpa.attention(q, k, v, **kw), None
+        return _exact_if_not_finite(sdpa.attention(q, k, v, **kw), q, k, v, kw), None
     if name == "triton":
         from . import triton_decode, triton_prefill
 
@@ -66,15 +66,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
         # positions (a ring cache) decode there too; longer calls over them take the reference, row-chunked.
         if kw.get("k_pos") is not None:
             if q.shape[2] <= triton_decode.MAX_Q and kw.get("calib") is None:
-                return triton_decode.attention(q, k, v, **kw), None
+                return _exact_if_not_finite(triton_decode.attention(q, k, v, **kw), q, k, v, kw), None
             return _reference_chunked(q, k, v, **kw)
         if q.shape[2] <= triton_decode.MAX_Q < k.shape[2] and kw.get("key_padding") is None:
             calib_ok = (
                 kw.get("calib") is None or kw.get("calib_sinks") is not None or not bool(kw["calib"].any())
             )
             if calib_ok:
-                return triton_decode.attention(q, k, v, **kw), None
+                return _exact_if_not_finite(triton_decode.attention(q, k, v, **kw), q, k, v, kw), None
         res = triton_prefill.attention(q, k, v, **kw)
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(res.out).all()):
+            return _reference_chunked(q, k, v, **kw)
         return res.out, res.calib_sinks
     return _reference_chunked(q, k, v, **kw)
 
@@ -84,15 +86,31 @@ def attention_lse(q, k, v, *, backend: str | None = None, **kw) -> reference.Att
     name = pick(backend, q.device, **kw)
     if name in ("cpu", "sdpa"):
         out, lse = cpu.attention(q, k, v, return_lse=True, **kw)
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(out).all()):
+            out, _, lse = _reference_chunked(q, k, v, need_lse=True, **kw)
         return reference.AttentionResult(out, lse, None)
     if name == "triton" and kw.get("k_pos") is None:
         from . import triton_prefill
 
-        return triton_prefill.attention(q, k, v, **kw)
+        res = triton_prefill.attention(q, k, v, **kw)
+        if torch.compiler.is_compiling() or bool(torch.isfinite(res.out).all()):
+            return res
+        out, sinks, lse = _reference_chunked(q, k, v, need_lse=True, **kw)
+        return reference.AttentionResult(out, lse, sinks)
     return reference.attention(q, k, v, **kw)
 
 
-def _reference_chunked(q, k, v, **kw):
+def _exact_if_not_finite(out, q, k, v, kw):
+    """NaN / Inf inputs: the fast paths can spread them past a row's pattern (SDPA's additive -inf mask meets a
+    NaN key; a masked key's 0 weight meets a NaN value). A non-finite output is recomputed on the reference (the
+    same pattern, chunked), whose rules (reference.py) every backend then follows. Finite inputs cost one check
+    of the output; inside a compiled graph it is skipped (no data-dependent branch)."""
+    if torch.compiler.is_compiling() or bool(torch.isfinite(out).all()):
+        return out
+    return _reference_chunked(q, k, v, **kw)[0]
+
+
+def _reference_chunked(q, k, v, need_lse=False, **kw):
     """The reference over query-row chunks (exact: each chunk's keys end at its last query), so no call holds
     more than ROW_CHUNK_ELEMENTS scores. ACT at prefill runs two passes: column sums over all chunks give the
     sink set, then each chunk is calibrated with it."""
@@ -105,7 +123,7 @@ def _reference_chunked(q, k, v, **kw):
         rows = max(block, rows // block * block)  # chunks hold whole query blocks
     if rows >= nq:
         res = reference.attention(q, k, v, **kw)
-        return res.out, res.calib_sinks
+        return (res.out, res.calib_sinks, res.lse) if need_lse else (res.out, res.calib_sinks)
 
     positioned = kw.get("k_pos") is not None  # keys in any order: every chunk reads every key
 
@@ -134,8 +152,11 @@ def _reference_chunked(q, k, v, **kw):
             col_sum[..., :kend] += s
             col_count[..., :kend] += c
         sinks = rules.find_sinks(col_sum, col_count, kw.get("calib_threshold", 0.1))
-    outs, used = [], None
+    outs, lses, used = [], [], None
     for _, res in chunks({"calib_sinks": sinks} if sinks is not None else {}):
         outs.append(res.out)
+        lses.append(res.lse)
         used = res.calib_sinks  # the last chunk sees every key
+    if need_lse:
+        return torch.cat(outs, dim=2), used, torch.cat(lses, dim=2)
     return torch.cat(outs, dim=2), used

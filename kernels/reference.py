@@ -20,6 +20,10 @@ Layout conventions (shared by every backend):
   kv_count[B, H, QB] valid entries (or [B, Hkv, ...]: one list per KV head, shared by its query heads); query
   block qb covers query rows [qb * block_size, (qb + 1) * block_size).
 - A fully masked row outputs 0 and has lse -inf.
+- NaN / Inf inputs (the same on every backend; dispatch recomputes a fast path's non-finite output here):
+  a non-finite query entry makes its row NaN; a key entry enters the scores as IEEE arithmetic gives it (a NaN
+  or +inf score makes the rows that may see the key NaN, a -inf score drops the key); a non-finite value entry
+  makes NaN every row that may see that key (in its pattern) and no other row.
 """
 
 from __future__ import annotations
@@ -123,6 +127,12 @@ def attention(
 
     if act_columns:
         return probs.sum(dim=2), allowed.sum(dim=2)
+    bad_v = ~torch.isfinite(vv).all(-1)  # [B, H, Nk]: a masked key's 0 weight must not meet its NaN (0 * NaN)
+    poisoned = None
+    if bool(bad_v.any()):
+        poisoned = (allowed & bad_v.unsqueeze(2)).any(-1, keepdim=True)
+        vv = torch.where(bad_v.unsqueeze(-1), torch.zeros_like(vv), vv)
+        v = torch.where(~torch.isfinite(v).all(-1, keepdim=True), torch.zeros_like(v), v)
     out = torch.matmul(probs, vv)
     used_sinks = None
     if calib is not None and bool(calib.any()):
@@ -134,6 +144,8 @@ def attention(
     if head_mask is not None and bool((head_mask != HEAD_KEEP).any()):
         out = rules.apply_head_mask(out, v, head_mask, qp, kp, sliding_window=sliding_window,
                                     ordered=k_pos is None)  # fmt: skip
+    if poisoned is not None:
+        out = out.masked_fill(poisoned, float("nan"))
     return AttentionResult(out.to(q.dtype), lse, used_sinks)
 
 

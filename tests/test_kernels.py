@@ -402,3 +402,35 @@ def test_gpu_check_script_passes_at_small_sizes(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["correctness"] and all(r["ok"] for r in report["correctness"])
     assert len(report["prefill"]) == 8 and len(report["decode"]) == 2
+
+
+@interpreter
+@TRITON_SETTINGS
+@given(
+    st.integers(16, 64), st.integers(0, 40), st.sampled_from(["q", "k", "v"]), st.integers(0, 10_000),
+    st.sampled_from([float("nan"), float("inf"), float("-inf")]), st.integers(0, 8), st.integers(-1, 24),
+    st.booleans(), st.integers(0, 2**16),
+)  # fmt: skip
+def test_nan_and_inf_give_the_same_nan_rows_on_every_backend(
+    nk, extra, where, at, value, sink, window, blocks, seed
+):
+    """A non-finite entry in q, k or v: every backend gives NaN on exactly the reference's rows (those whose own
+    query, or a key they may see, carries it) and the same finite values elsewhere."""
+    nq = max(1, nk - extra)
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, h, n, 16, generator=g) for h, n in ((4, nq), (2, nk), (2, nk)))
+    t = {"q": q, "k": k, "v": v}[where]
+    t.view(-1)[at % t.numel()] = value
+    if blocks:
+        cnt, idx = random_block_lists([1, 2, (nq + 15) // 16], (nk + 15) // 16, g)
+        run = lambda b: block_sparse_attention(q, k, v, cnt, idx, 16, backend=b)  # noqa: E731
+        backends = ("reference", "cpu", "triton")
+    else:
+        run = lambda b: sink_window_attention(q, k, v, sink, window, backend=b)  # noqa: E731
+        backends = ("reference", "cpu", "sdpa", "triton")
+    want = run("reference")
+    for backend in backends[1:]:
+        got = run(backend)
+        assert torch.equal(got.isnan(), want.isnan()), (backend, got.isnan().any(-1), want.isnan().any(-1))
+        fin = ~want.isnan()
+        torch.testing.assert_close(got[fin], want[fin], atol=1e-4, rtol=1e-4)
