@@ -434,7 +434,11 @@ def lm_eval_cmd(ctx: typer.Context):
         from .evals.lm_eval_bridge import main as lm_eval_main
     except ImportError as exc:
         _fail(f"lm-eval: not installed ({exc}); pip install 'llmpatch[eval]'")
-    raise typer.Exit(lm_eval_main(ctx.args))
+    try:
+        code = lm_eval_main(ctx.args)
+    except LlmpatchError as exc:
+        _fail(str(exc))
+    raise typer.Exit(code)
 
 
 calibrate_app = typer.Typer(no_args_is_help=True, help="Offline calibration that writes plans (schema v1).")
@@ -733,6 +737,12 @@ def bench_kernels_cmd(
         if any(not 0 < x <= 1 for x in dens):
             raise ParameterError(f"--densities: each must be in (0, 1], got {densities!r}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.split(":")[0] not in ("cpu", "cuda"):
+            raise ParameterError(f"--device: must be cpu or cuda, got {device!r}")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ParameterError(
+                f"--device: {device!r} is not available here (this torch sees no CUDA device)"
+            )
         rows = bench_kernels(_csv(lengths, int, "lengths"), dens, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                              block_size=block_size, pattern=pattern, dtype=getattr(torch, dtype), device=device,
                              backend=backend, repeats=repeats)  # fmt: skip

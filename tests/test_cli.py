@@ -223,3 +223,26 @@ def test_a_prompt_past_the_context_is_refused_unless_asked(smollm2, tmp_path):
     assert re.search(message, " ".join(result.output.split())), result.output
     result = runner.invoke(app, [*args, "--beyond-context"])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["bench", "kernels", "--device", "cuda"], "--device: 'cuda' is not available here"),
+        (["bench", "kernels", "--device", "tpu"], "--device: must be cpu or cuda, got 'tpu'"),
+        (["lm-eval", "--model", "llmpatch", "--model_args", "pretrained=smollm2-135m,method=bogus", "--tasks", "x"],
+         "method: unknown method 'bogus'"),
+        (["lm-eval", "--model", "llmpatch", "--model_args", "pretrained=x,method=sink_window,window=-2"],
+         "sink_window: parameter 'window' must be an int >= 1, got -2"),
+        (["eval", "GARBAGE"], "not valid YAML"),
+        (["run", "bogus", "--model", "smollm2-135m"], "suite: unknown suite 'bogus'"),
+        (["run", "passkey", "--model", "smollm2-135m", "--lengths", "abc"], "--lengths: expected comma-separated"),
+        (["run", "passkey", "--model", "no/such", "--method", "moa", "--set", "alphas=[[NaN]]"], "moa: parameter"),
+    ],
+)  # fmt: skip
+def test_cli_failures_are_one_error_line(args, message, tmp_path):
+    garbage = tmp_path / "garbage.yaml"
+    garbage.write_text("foo: [1, 2\n  bar")
+    result = runner.invoke(app, [str(garbage) if a == "GARBAGE" else a for a in args])
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
