@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -172,6 +173,39 @@ def _check_context(model, tokenizer, text: str, max_new_tokens: int, beyond_cont
         )
 
 
+PREFILL_BAR_TOKENS = 512  # prompts this long show a per-layer prefill bar
+
+
+@contextlib.contextmanager
+def _prefill_bar(model, tokens: int, label: str):
+    """A transient per-layer bar over the prefill of a long prompt (forward hooks on the attention modules,
+    removed after the first forward)."""
+    from rich.progress import Progress
+
+    from .adapters import attention_modules
+
+    if tokens < PREFILL_BAR_TOKENS or _quiet:
+        yield
+        return
+    modules = [m for _, m in attention_modules(model)]
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task(f"{label}: prefill of {tokens} tokens", total=len(modules))
+        handles = []
+
+        def step(*_):
+            bar.advance(task)
+            if bar.tasks[task].completed >= len(modules):
+                for h in handles:
+                    h.remove()
+
+        handles += [m.register_forward_hook(step) for m in modules]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
 def _say_plans(patch) -> None:
     from .plan_store import describe
 
@@ -241,13 +275,16 @@ def apply_cmd(
         )  # checked before --compare
         patch.remove()
         runs = {}
+        n = len(tok(text, add_special_tokens=False).input_ids)
         if compare:
-            runs["unpatched"] = generate_timed(m, tok, text, max_new_tokens)
+            with _prefill_bar(m, n, "unpatched"):
+                runs["unpatched"] = generate_timed(m, tok, text, max_new_tokens)
         patch = apply(m, list(method), plan or "auto", backend=backend, **overrides)
         _say_plans(patch)
         try:
             label = "+".join(method)
-            runs[label] = generate_timed(m, tok, text, max_new_tokens, tracker=patch.track_sparsity())
+            with _prefill_bar(m, n, label):
+                runs[label] = generate_timed(m, tok, text, max_new_tokens, tracker=patch.track_sparsity())
             if save_plan is not None and not _quiet:
                 patch.save(save_plan)
             description = patch.describe()

