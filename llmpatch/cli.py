@@ -18,9 +18,14 @@ from .errors import LlmpatchError, ParameterError
 from .sharding import is_main_process
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="Inference-time attention patching for HF causal LMs."
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Inference-time attention patching for HF causal LMs.",
 )
-models_app = typer.Typer(no_args_is_help=True, help="Built-in model aliases (PyPI GGUF packages).")
+models_app = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="Built-in model aliases (PyPI GGUF packages)."
+)
 app.add_typer(models_app, name="models")
 _quiet = not is_main_process()  # under torchrun rank 0 prints (and writes files)
 console = Console(quiet=_quiet)
@@ -102,7 +107,7 @@ def methods_cmd():
         table.add_column(col)
     for name, cls in REGISTRY.items():
         params = "\n".join(f"{p} = {d!r}: {a}" for p, d, a in cls.describe_params()) or "-"
-        table.add_row(name, cls.summary, params)
+        table.add_row(escape(name), escape(cls.summary), escape(params))
     console.print(table)
 
 
@@ -478,7 +483,9 @@ def lm_eval_cmd(ctx: typer.Context):
     raise typer.Exit(code)
 
 
-calibrate_app = typer.Typer(no_args_is_help=True, help="Offline calibration that writes plans (schema v1).")
+calibrate_app = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="Offline calibration that writes plans (schema v1)."
+)
 app.add_typer(calibrate_app, name="calibrate")
 
 
@@ -732,7 +739,11 @@ def _show_moa(res: dict, model: str) -> None:
         console.print(f"dense validation loss {res['dense_validation_loss']:.4f}", highlight=False)
 
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks against dense SDPA (same machine, same run).")
+bench_app = typer.Typer(
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Benchmarks against dense SDPA (same machine, same run).",
+)
 app.add_typer(bench_app, name="bench")
 
 

@@ -246,3 +246,14 @@ def test_cli_failures_are_one_error_line(args, message, tmp_path):
     result = runner.invoke(app, [str(garbage) if a == "GARBAGE" else a for a in args])
     assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+
+
+def test_text_with_brackets_is_printed_as_written():
+    result = runner.invoke(app, ["methods"])
+    assert "[layer," in result.output, result.output  # the table may wrap the rest
+    result = runner.invoke(app, ["calibrate", "retrieval", "--help"], terminal_width=200)
+    assert "{'layer-head': [scores]}" in result.output, result.output
+    result = runner.invoke(
+        app, ["apply", "--method", "act", "--model", "no/such", "-p", "hi", "--set", "beta=[0.5]"]
+    )
+    assert result.exit_code == 2 and "must be a number in [0, 1], got [0.5]" in result.output, result.output
