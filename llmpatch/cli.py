@@ -178,6 +178,25 @@ def _check_context(model, tokenizer, text: str, max_new_tokens: int, beyond_cont
         )
 
 
+@contextlib.contextmanager
+def _steps(total: int | None, label: str):
+    """A progress bar for a calibration: yields `tick(line)`, which prints the step's line above the bar and
+    advances it (`total` None: no known end)."""
+    from rich.progress import Progress
+
+    if _quiet:
+        yield lambda line: None
+        return
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+
+        def tick(line: str):
+            bar.console.print(line, highlight=False)
+            bar.advance(task)
+
+        yield tick
+
+
 PREFILL_BAR_TOKENS = 512  # prompts this long show a per-layer prefill bar
 
 
@@ -527,10 +546,12 @@ def calibrate_retrieval_cmd(
             hay = Haystack(haystack) if haystack else None
 
             def show(r):
-                err.print(f"  {r['prompt_tokens']} tokens, depth {r['depth']}: recall {r['rouge1_recall']:.2f}"
-                          f"{'' if r['counted'] else ' (not counted)'}: {r['output'][:60]!r}", highlight=False)  # fmt: skip
+                tick(escape(f"  {r['prompt_tokens']} tokens, depth {r['depth']}: recall {r['rouge1_recall']:.2f}"
+                            f"{'' if r['counted'] else ' (not counted)'}: {r['output'][:60]!r}"))  # fmt: skip
 
-            det = retrieval.detect(m, tok, length_list, depth_list, samples, seed, hay, progress=show)
+            total = len(length_list) * len(depth_list) * samples
+            with _steps(total, "retrieval-head detection") as tick:
+                det = retrieval.detect(m, tok, length_list, depth_list, samples, seed, hay, progress=show)
             scores, counted = det.scores, det.counted
             plan = retrieval.to_plan(det, spec, calibration_data={
                 "suite": "niah", "lengths": length_list, "depths": depth_list, "samples": samples, "seed": seed,
@@ -590,8 +611,11 @@ def calibrate_retrieval_effect_cmd(
     from .plan import Plan, provenance
 
     def show(r):
-        err.print("  " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()),
-                  highlight=False)  # fmt: skip
+        tick(
+            escape(
+                "  " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items())
+            )
+        )
 
     try:
         source = Plan.load(plan)
@@ -600,8 +624,9 @@ def calibrate_retrieval_effect_cmd(
         source.check_model(spec)
         entry = source.params_for("retrieval_heads")
         fams = None if families is None else [f.strip() for f in families.split(",") if f.strip()]
-        res = effect.calibrate(m, tok, entry, kv_heads=kv_heads, samples=samples, dev_samples=dev_samples,
-                               length=length, sink=sink, recent=recent, families=fams, progress=show)  # fmt: skip
+        with _steps(None, "effect of each KV head, then the rankings on dev") as tick:
+            res = effect.calibrate(m, tok, entry, kv_heads=kv_heads, samples=samples, dev_samples=dev_samples,
+                                   length=length, sink=sink, recent=recent, families=fams, progress=show)  # fmt: skip
         written = _keep(Plan(spec.fingerprint(), [{"name": "retrieval_heads", "params": res["params"]}],
                              provenance(source_plan=source.provenance, **res["provenance"])), out)  # fmt: skip
     except LlmpatchError as exc:
@@ -631,13 +656,14 @@ def calibrate_act_cmd(
     from .models import load_model
 
     def show(t):
-        err.print(f"  head {t['head']} ({t['hidden_sinks']} hidden sinks): acc {t['accuracy']:.3f} "
-                  f"logp {t['label_logprob']:.4f}{'  kept' if t['kept'] else ''}", highlight=False)  # fmt: skip
+        tick(escape(f"  head {t['head']} ({t['hidden_sinks']} hidden sinks): acc {t['accuracy']:.3f} "
+                    f"logp {t['label_logprob']:.4f}{'  kept' if t['kept'] else ''}"))  # fmt: skip
 
     try:
         m, tok = load_model(model, progress=err.print)
-        res = act.search(m, tok, budget=budget, train=train, heldout=heldout, beta=beta, threshold=threshold,
-                         seed=seed, progress=show)  # fmt: skip
+        with _steps(budget, f"ACT head search (at most {budget} heads)") as tick:
+            res = act.search(m, tok, budget=budget, train=train, heldout=heldout, beta=beta, threshold=threshold,
+                             seed=seed, progress=show)  # fmt: skip
         written = _keep(act.to_plan(res, adapters.detect(m)), out)
     except LlmpatchError as exc:
         _fail(str(exc))
@@ -680,8 +706,8 @@ def calibrate_moa_cmd(
     from .plan import Plan, provenance
 
     def show(r):
-        err.print(f"  length {r['length']}: sample {r['sample']} ({r['tokens']} tokens) answer loss "
-                  f"{r['loss']:.3f}, {r['s']:.0f} s", highlight=False)  # fmt: skip
+        tick(escape(f"  length {r['length']}: sample {r['sample']} ({r['tokens']} tokens) answer loss "
+                    f"{r['loss']:.3f}, {r['s']:.0f} s"))  # fmt: skip
 
     try:
         length_list = _csv(lengths, int, "lengths")
@@ -697,9 +723,10 @@ def calibrate_moa_cmd(
         else:
             hay = Haystack(haystack) if haystack else None
             many = len(budgets) > 1
-            found = moa_search.search(m, tok, density=budgets if many else budgets[0], lengths=length_list,
-                                      validate_length=validate_length, samples=samples, seed=seed, haystack=hay,
-                                      gqa=gqa, progress=show, data=data)  # fmt: skip
+            with _steps(samples * len(length_list), "MoA gradient profiling") as tick:
+                found = moa_search.search(m, tok, density=budgets if many else budgets[0], lengths=length_list,
+                                          validate_length=validate_length, samples=samples, seed=seed,
+                                          haystack=hay, gqa=gqa, progress=show, data=data)  # fmt: skip
             outs = (
                 [out.with_name(f"{out.stem}-{round(100 * d)}{out.suffix}") for d in budgets]
                 if many
