@@ -115,3 +115,13 @@ def test_plan_driven_methods_work_as_written_on_both_models(smollm2, gemma3, met
         with llmpatch.patched(model, method, "auto") as patch:
             (found,) = patch.plan_sources
             assert found.source == "shipped" and found.path.name.startswith(name), found
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
+@pytest.mark.parametrize("method", ["act", "moa", "retrieval_mask", "retrieval_kv"])
+def test_apply_without_a_plan_from_the_cli(smollm2, gemma3, store, model, method):
+    result = runner.invoke(app, ["apply", "--method", method, "--model", model, "--prompt", "Hi there",
+                                 "--max-new-tokens", "2"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"shipped plan {plan_store.SHIPPED}" in " ".join(result.output.split()), result.output
