@@ -12,7 +12,7 @@ first), the suites with their lengths, depths and sample counts.
       - label: window-256
         method: sink_window           # or a list of methods to compose
         params: {sink: 64, window: 256}
-        plan: null
+        plan: null                    # a plan file (relative to the recipe), or auto: the stored / shipped plan
 """
 
 from __future__ import annotations
