@@ -281,7 +281,8 @@ def apply_cmd(
 
     if prompt_file is not None:
         if not prompt_file.is_file():
-            _fail(f"--prompt-file: {str(prompt_file)!r} does not exist")
+            what = "is a folder" if prompt_file.is_dir() else "does not exist"
+            _fail(f"--prompt-file: {str(prompt_file)!r} {what}; give a text file")
         prompt = prompt_file.read_text()
     if prompt is None or not prompt.strip():
         _fail("prompt: is empty; pass --prompt TEXT or --prompt-file FILE with some text")
@@ -420,6 +421,8 @@ def run_cmd(
         hay = Haystack(haystack) if haystack else None
         length_list = _csv(lengths, int, "lengths")
         depth_list = _csv(depths, float, "depths")
+        if depth_list and any(not 0 <= x <= 1 for x in depth_list):
+            raise ParameterError(f"--depths: each depth must be in [0, 1], got {depths!r}")
         configs = (
             [MethodConfig("+".join(method), list(method), parse_sets(sets), str(plan) if plan else "auto")]
             if method

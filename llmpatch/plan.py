@@ -83,7 +83,8 @@ class Plan:
             return cls.from_dict(source)
         path = Path(source)
         if not path.is_file():
-            raise PlanError(f"plan: file {str(path)!r} does not exist")
+            what = "is a folder, not a plan file" if path.is_dir() else "does not exist"
+            raise PlanError(f"plan: file {str(path)!r} {what}")
         try:
             data = json.loads(path.read_bytes().decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -44,6 +44,8 @@ def test_bad_set_is_a_clear_error(smollm2):
             "--save-plan: '/no/such/folder/p.json' must be a file in",
         ),
         (["--json", "."], "--json: '.' must be a file in an existing folder"),
+        (["--prompt-file", "."], "--prompt-file: '.' is a folder; give a text file"),
+        (["--plan", "."], "plan: file '.' is a folder, not a plan file"),
         (
             ["--method", "sink_window", "--set", "window=-3"],
             "sink_window: parameter 'window' must be an int >= 1",
@@ -237,6 +239,7 @@ def test_a_prompt_past_the_context_is_refused_unless_asked(smollm2, tmp_path):
         (["eval", "GARBAGE"], "not valid YAML"),
         (["run", "bogus", "--model", "smollm2-135m"], "suite: unknown suite 'bogus'"),
         (["run", "passkey", "--model", "smollm2-135m", "--lengths", "abc"], "--lengths: expected comma-separated"),
+        (["run", "niah", "--model", "no/such", "--depths", "0.5,1.5"], "--depths: each depth must be in [0, 1]"),
         (["run", "passkey", "--model", "no/such", "--method", "moa", "--set", "alphas=[[NaN]]"], "moa: parameter"),
     ],
 )  # fmt: skip
