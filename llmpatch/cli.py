@@ -663,6 +663,9 @@ def calibrate_act_cmd(
                     f"logp {t['label_logprob']:.4f}{'  kept' if t['kept'] else ''}"))  # fmt: skip
 
     try:
+        from .patch import check
+
+        check("act", heads="all", beta=beta, threshold=threshold)  # before the model loads
         m, tok = load_model(model, progress=err.print)
         with _steps(budget, f"ACT head search (at most {budget} heads)") as tick:
             res = act.search(m, tok, budget=budget, train=train, heldout=heldout, beta=beta, threshold=threshold,
@@ -717,6 +720,10 @@ def calibrate_moa_cmd(
         budgets = _csv(density, float, "density")
         if len(budgets) > 1 and out is None:
             raise ParameterError("--out: give it with several --density budgets (one plan file per budget)")
+        if import_official is None:
+            moa_search.check_search(
+                budgets, length_list, validate_length, gqa, data
+            )  # before the model loads
         m, tok = load_model(model, progress=err.print)
         spec = adapters.detect(m)
         if import_official is not None:

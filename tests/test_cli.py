@@ -240,6 +240,9 @@ def test_a_prompt_past_the_context_is_refused_unless_asked(smollm2, tmp_path):
         (["run", "bogus", "--model", "smollm2-135m"], "suite: unknown suite 'bogus'"),
         (["run", "passkey", "--model", "smollm2-135m", "--lengths", "abc"], "--lengths: expected comma-separated"),
         (["run", "niah", "--model", "no/such", "--depths", "0.5,1.5"], "--depths: each depth must be in [0, 1]"),
+        (["calibrate", "moa", "--model", "no/such", "--density", "0"], "density: must be a number in (0, 1]"),
+        (["calibrate", "moa", "--model", "no/such", "--lengths", "100"], "lengths: profiling and validation lengths"),
+        (["calibrate", "act", "--model", "no/such", "--beta", "3"], "act: parameter 'beta' must be a number in [0, 1]"),
         (["run", "passkey", "--model", "no/such", "--method", "moa", "--set", "alphas=[[NaN]]"], "moa: parameter"),
     ],
 )  # fmt: skip

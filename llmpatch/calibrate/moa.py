@@ -377,13 +377,8 @@ def answer_loss(model, samples, params: dict | None) -> float:
         return run()
 
 
-def search(model, tokenizer, *, density, lengths: list[int], validate_length: int | None = None,
-           samples: int = 8, seed: int = 0, haystack=None, gqa: str = "head", progress=None,
-           data: str = "suites") -> dict | list[dict]:  # fmt: skip
-    """One plan search; `density` a list gives one result per budget from the same profile."""
-    import llmpatch
-
-    spec = llmpatch.detect(model)
+def check_search(density, lengths, validate_length, gqa, data, context=None) -> list[float]:
+    """The search's arguments, checked (the CLI calls it before loading the model, without the context)."""
     budgets = list(density) if isinstance(density, (list, tuple)) else [density]
     if not budgets or any(not isinstance(d, (int, float)) or not 0 < d <= 1 for d in budgets):
         raise ParameterError(f"density: must be a number in (0, 1] (or a list of them), got {density}")
@@ -391,13 +386,23 @@ def search(model, tokenizer, *, density, lengths: list[int], validate_length: in
         raise ParameterError(f"data: must be 'suites' or 'mix', got {data!r}")
     if gqa not in ("group", "head"):
         raise ParameterError(f"gqa: must be 'group' or 'head', got {gqa!r}")
-    context = spec.max_position_embeddings
     for n in [*lengths, *([validate_length] if validate_length else [])]:
         if not isinstance(n, int) or n < 2 * BLOCK or (context is not None and n > context):
+            upto = f"..{context} (the model's context)" if context else " or more, up to the model's context"
             raise ParameterError(
-                f"lengths: profiling and validation lengths must be ints in {2 * BLOCK}..{context} (the model's "
-                f"context), got {n}"
+                f"lengths: profiling and validation lengths must be ints in {2 * BLOCK}{upto}, got {n}"
             )
+    return budgets
+
+
+def search(model, tokenizer, *, density, lengths: list[int], validate_length: int | None = None,
+           samples: int = 8, seed: int = 0, haystack=None, gqa: str = "head", progress=None,
+           data: str = "suites") -> dict | list[dict]:  # fmt: skip
+    """One plan search; `density` a list gives one result per budget from the same profile."""
+    import llmpatch
+
+    spec = llmpatch.detect(model)
+    budgets = check_search(density, lengths, validate_length, gqa, data, spec.max_position_embeddings)
     t0 = time.perf_counter()
     configs, scale = search_space(lengths)
     searched = [li for li in range(spec.num_layers) if spec.sliding_window[li] is None]
