@@ -156,7 +156,10 @@ def test_bad_moa_input_leaves_model_untouched():
     other = small_plan(tiny_model("llama", num_attention_heads=8, num_key_value_heads=2, head_dim=8))
     cases = [
         (dict(other), "'alphas' must be \\[3\\]\\[4\\].*another model"),
-        ({**plan, "betas": [[1.5] * 4] * 3}, "'betas' must hold numbers in \\[0, 1\\]"),
+        (
+            {**plan, "betas": [[1.5] * 4] * 3},
+            "'betas' must be a \\[layers\\]\\[heads\\] list of numbers in \\[0, 1\\]",
+        ),
         ({}, "'alphas' and 'betas' are required"),
         ({**plan, "sink": -1}, "'sink' must be an int >= 0"),
     ]
