@@ -73,7 +73,7 @@ NAN, INF = float("nan"), float("inf")
     "method, params, match",
     [
         ("moa", {"alphas": _grid(8.0, (1, 2), NAN), "betas": _grid(0.1)}, r"'alphas' must hold finite numbers; \[1\]\[2\] is nan"),
-        ("moa", {"alphas": _grid(8.0, (0, 0), -5000.0), "betas": _grid(0.1)}, r"'alphas' must hold offsets within \+-512"),
+        ("moa", {"alphas": _grid(8.0, (0, 0), -5000.0), "betas": _grid(0.1)}, r"'alphas' must hold offsets >= -512"),
         ("moa", {"alphas": _grid(8.0), "betas": _grid(0.1, (2, 3), 1.5)}, r"'betas' must be .* numbers in \[0, 1\]"),
         ("moa", {"alphas": _grid(8.0), "betas": _grid(0.1, (0, 1), INF)}, r"'betas' must hold finite numbers; \[0\]\[1\] is inf"),
         ("retrieval_kv", {"scores": _grid(0.2, (0, 1), NAN), "top_k": 2}, r"'scores' must hold finite numbers"),

@@ -74,11 +74,10 @@ class MoA(ElasticSinkWindow):
                     f"moa: parameter {key!r} must be [{spec.num_layers}][{spec.num_heads}] (layers x query heads "
                     f"of this model), got {shape}: a plan for another model?"
                 )
-        context = spec.max_position_embeddings
-        if context and any(abs(a) > context for r in self.alphas for a in r):
-            worst = max((a for r in self.alphas for a in r), key=abs)
-            raise ParameterError(f"moa: parameter 'alphas' must hold offsets within +-{context} tokens (the "
-                                 f"model's context), got {worst}")  # fmt: skip
+        context = spec.max_position_embeddings  # below -context a span never leaves min_span: a mistake
+        if context and any(a < -context for r in self.alphas for a in r):
+            raise ParameterError(f"moa: parameter 'alphas' must hold offsets >= -{context} (minus the model's "
+                                 f"context; a large one makes a head dense), got {min(min(r) for r in self.alphas)}")  # fmt: skip
 
     def spans(self, spec):
         return lambda n: spans_at(self.alphas, self.betas, n, sink=self.sink, min_span=self.min_span)
