@@ -172,6 +172,12 @@ def method_entry(path: Path, i: int, entry, allowed: set, taken: set) -> tuple[s
     plan = entry.get("plan")
     if plan is not None and not Path(plan).is_absolute() and (Path(path).parent / plan).is_file():
         plan = str(Path(path).parent / plan)
+    try:  # every check that needs no model, before any model loads
+        from llmpatch.patch import check
+
+        check(methods, plan, **params)
+    except LlmpatchError as exc:
+        raise _err(path, where, str(exc)) from None
     return label, methods, params, plan
 
 

@@ -135,6 +135,11 @@ def test_metadata_and_report(tmp_path):
         ("model: m\nsuites: {passkey: {lengths: [512]}}\nmethods: [{params: {}}]\n", r"'methods\[0\]' must be a mapping with at least 'method'"),
         ("model: m\nsuites: {passkey: {lengths: [512]}}\nmethods: [{method: dense, label: dense}]\n", r"'methods\[0\].label' 'dense' is taken"),
         ("model: [\n", r"not valid YAML"),
+        ("model: m\nsuites: {passkey: {lengths: [512]}}\nmethods: [{method: moe}]\n", r"'methods\[0\]' method: unknown method 'moe'"),
+        ("model: m\nsuites: {passkey: {lengths: [512]}}\nmethods: [{method: sink_window, params: {window: -1}}]\n",
+         r"'methods\[0\]' sink_window: parameter 'window' must be an int >= 1"),
+        ("model: m\nsuites: {passkey: {lengths: [512]}}\nmethods: [{method: moa, plan: nope.json}]\n",
+         r"'methods\[0\]' plan: file 'nope.json' does not exist"),
     ],
 )  # fmt: skip
 def test_malformed_recipes_name_the_key(tmp_path, text, match):
