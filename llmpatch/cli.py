@@ -957,20 +957,40 @@ def _root(version: bool = typer.Option(False, "--version", help="print the versi
 def main():
     """`--debug` anywhere on the line shows the traceback of a failure; without it a failure no command names
     is one `error:` line and exit code 2."""
+    try:  # typer 0.2x carries its own click
+        from typer._click import exceptions as click
+    except ImportError:
+        from click import exceptions as click
+
     debug = "--debug" in sys.argv[1:]
     if debug:
         sys.argv.remove("--debug")
     try:
-        app()
+        code = app(standalone_mode=False)
+    except getattr(click, "NoArgsIsHelpError", ()) as exc:  # a bare command: its help, as click prints it
+        print(exc.format_message())
+        code = exc.exit_code
+    except click.ClickException as exc:  # a bad option or argument: the same `error: <parameter>: …` line
+        param = getattr(exc, "param", None)
+        name = (param.opts[0] if getattr(param, "opts", None) else getattr(param, "name", None)) or "usage"
+        message = (exc.message if param is not None else "") or exc.format_message()
+        code = _error_line(f"{name}: {message} (see --help)", exc.exit_code)
+    except typer.Abort:
+        code = 1
     except Exception as exc:
         if debug:
             raise
-        try:
-            _fail(
-                f"{type(exc).__name__}: {exc} (an unexpected failure; run again with --debug for the traceback)"
-            )
-        except typer.Exit as done:
-            sys.exit(done.exit_code)
+        code = _error_line(
+            f"{type(exc).__name__}: {exc} (an unexpected failure; run again with --debug for the traceback)"
+        )
+    sys.exit(code or 0)
+
+
+def _error_line(message: str, code: int = 2) -> int:
+    try:
+        _fail(message, code)
+    except typer.Exit as done:
+        return done.exit_code
 
 
 if __name__ == "__main__":

@@ -199,7 +199,7 @@ def test_an_unexpected_failure_is_one_line_and_debug_shows_the_traceback():
     import sys
 
     code = ("import sys, llmpatch.cli as c\n"
-            "def boom(): raise RuntimeError('boom [1, 2]')\n"
+            "def boom(**_): raise RuntimeError('boom [1, 2]')\n"
             "c.app = boom\nsys.argv = ['llmpatch', *sys.argv[1:]]\nc.main()")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
@@ -263,3 +263,20 @@ def test_text_with_brackets_is_printed_as_written():
         app, ["apply", "--method", "act", "--model", "no/such", "-p", "hi", "--set", "beta=[0.5]"]
     )
     assert result.exit_code == 2 and "must be a number in [0, 1], got [0.5]" in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["apply", "--bogus"], "error: usage: No such option: --bogus"),
+        (["apply", "--method", "dense"], "error: --model: Missing option '--model'"),
+        (["apply", "--method", "dense", "--model", "x", "-p", "hi", "--max-new-tokens", "0"],
+         "error: --max-new-tokens: Input should be greater than or equal to 1"),
+    ],
+)  # fmt: skip
+def test_usage_errors_are_error_lines_too(args, line):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "llmpatch", *args], capture_output=True, text=True)
+    assert done.returncode == 2 and line in " ".join(done.stderr.split()), done.stderr
