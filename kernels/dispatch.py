@@ -75,9 +75,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
             if calib_ok:
                 return _exact_if_not_finite(triton_decode.attention(q, k, v, **kw), q, k, v, kw), None
         res = triton_prefill.attention(q, k, v, **kw)
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(res.out).all()):
-            return _reference_chunked(q, k, v, **kw)
-        return res.out, res.calib_sinks
+        return (res.out, res.calib_sinks) if _finite(res.out) else _reference_chunked(q, k, v, **kw)
     return _reference_chunked(q, k, v, **kw)
 
 
@@ -86,28 +84,30 @@ def attention_lse(q, k, v, *, backend: str | None = None, **kw) -> reference.Att
     name = pick(backend, q.device, **kw)
     if name in ("cpu", "sdpa"):
         out, lse = cpu.attention(q, k, v, return_lse=True, **kw)
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(out).all()):
+        if not _finite(out):
             out, _, lse = _reference_chunked(q, k, v, need_lse=True, **kw)
         return reference.AttentionResult(out, lse, None)
     if name == "triton" and kw.get("k_pos") is None:
         from . import triton_prefill
 
         res = triton_prefill.attention(q, k, v, **kw)
-        if torch.compiler.is_compiling() or bool(torch.isfinite(res.out).all()):
+        if _finite(res.out):
             return res
         out, sinks, lse = _reference_chunked(q, k, v, need_lse=True, **kw)
         return reference.AttentionResult(out, lse, sinks)
     return reference.attention(q, k, v, **kw)
 
 
-def _exact_if_not_finite(out, q, k, v, kw):
+def _finite(out) -> bool:
     """NaN / Inf inputs: the fast paths can spread them past a row's pattern (SDPA's additive -inf mask meets a
-    NaN key; a masked key's 0 weight meets a NaN value). A non-finite output is recomputed on the reference (the
-    same pattern, chunked), whose rules (reference.py) every backend then follows. Finite inputs cost one check
-    of the output; inside a compiled graph it is skipped (no data-dependent branch)."""
-    if torch.compiler.is_compiling() or bool(torch.isfinite(out).all()):
-        return out
-    return _reference_chunked(q, k, v, **kw)[0]
+    NaN key; a masked key's 0 weight meets a NaN value), so a fast path's non-finite output is recomputed on the
+    reference (the same pattern, chunked), whose rules (reference.py) every backend then follows. Finite inputs
+    cost this one check of the output; inside a compiled graph it is skipped (no data-dependent branch)."""
+    return torch.compiler.is_compiling() or bool(torch.isfinite(out).all())
+
+
+def _exact_if_not_finite(out, q, k, v, kw):
+    return out if _finite(out) else _reference_chunked(q, k, v, **kw)[0]
 
 
 def _reference_chunked(q, k, v, need_lse=False, **kw):

@@ -168,7 +168,8 @@ def _templated(tokenizer, text: str, raw: bool) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def _check_context(model, tokenizer, text: str, max_new_tokens: int, beyond_context: bool) -> None:
+def _check_context(model, tokenizer, text: str, max_new_tokens: int, beyond_context: bool) -> int:
+    """The prompt's token count, refused past the model's context unless `beyond_context`."""
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     n = len(tokenizer(text, add_special_tokens=False).input_ids)
     if limit and n + max_new_tokens > limit and not beyond_context:
@@ -176,6 +177,7 @@ def _check_context(model, tokenizer, text: str, max_new_tokens: int, beyond_cont
             f"prompt: {n} tokens + --max-new-tokens {max_new_tokens} is past the model's context of {limit} "
             "tokens (max_position_embeddings); pass --beyond-context to run past it on purpose"
         )
+    return n
 
 
 @contextlib.contextmanager
@@ -294,14 +296,10 @@ def apply_cmd(
         check(list(method), plan, backend=backend, **overrides)  # before the model loads
         m, tok = load_model(model, progress=err.print, **placement(device_map, max_memory))
         text = _templated(tok, prompt, raw)
-        _check_context(m, tok, text, max_new_tokens, beyond_context)
-        patch = apply(
-            m, list(method), plan or "auto", backend=backend, **overrides
-        )  # checked before --compare
-        patch.remove()
+        n = _check_context(m, tok, text, max_new_tokens, beyond_context)
         runs = {}
-        n = len(tok(text, add_special_tokens=False).input_ids)
-        if compare:
+        if compare:  # the patch is checked on the model before the unpatched run
+            apply(m, list(method), plan or "auto", backend=backend, **overrides).remove()
             with _prefill_bar(m, n, "unpatched"):
                 runs["unpatched"] = generate_timed(m, tok, text, max_new_tokens)
         patch = apply(m, list(method), plan or "auto", backend=backend, **overrides)
