@@ -142,31 +142,14 @@ def check(method: str | list[str], plan=None, *, backend: str | None = None, **o
     return names
 
 
-def apply(
-    model: nn.Module, method: str | list[str], plan=None, *, backend: str | None = None, **overrides
-) -> Patch:
-    """Patch `model` with one method or several composed ones; returns the Patch.
-
-    `plan` is a path, dict or Plan (schema v1); its parameters for each method are overridden by `overrides`.
-    `plan="auto"`: each method that needs a plan and was given none of its data gets the stored or shipped plan
-    for this model (`plan_store`; `patch.plan_sources` says which), or an error naming the calibrate command.
-    """
-    names = check(method, plan, backend=backend, **overrides)
-    spec = detect(model)
-    existing = current_patch(model)
-    if existing is not None:
-        raise PatchStateError(
-            f"model: already patched with {[m.name for m in existing.methods]}; call patch.remove() first, "
-            "or compose methods in one call: llmpatch.apply(model, ['method_a', 'method_b'])"
-        )
-    if backend == "triton" and not interpreting():
-        off = sorted({str(d) for d in execution_devices(model) if torch.device(d).type != "cuda"})
-        if off:
-            raise ParameterError(f"backend: 'triton' needs the model on CUDA devices; this one runs on {off}. "
-                                 "Use 'cpu', 'sdpa', 'reference' or None (by device)")  # fmt: skip
+def decide(spec: ModelSpec, names: list[str], plan, overrides: dict, *, backend=None, model_name=None):
+    """The model-dependent half of apply(), without touching a model: resolve the plan (`"auto"` included),
+    check it and every method against `spec`, and let the methods fill one `LayerDecision` per layer (cut to
+    this rank's heads). Returns (method instances, layer decisions, the loaded Plan or None, plan_store finds).
+    Serving engines (`llmpatch.vllm`) read the same decisions."""
     found = []
     if isinstance(plan, str) and plan == "auto":
-        plan, found = plan_store.resolve(spec, names, overrides, plan_store.model_name(model))
+        plan, found = plan_store.resolve(spec, names, overrides, model_name)
     loaded = Plan.load(plan) if plan is not None else None
     if loaded is not None:
         loaded.check_model(spec)
@@ -188,10 +171,39 @@ def apply(
         ]
         for inst in instances:
             inst.configure(spec, layers)
-        for layer, device in zip(layers, execution_devices(model), strict=True):
-            layer.localize(
-                spec.shard
-            )  # a tensor-parallel rank keeps its own heads (methods speak global heads)
+        for layer in layers:  # a tensor-parallel rank keeps its own heads (methods speak global heads)
+            layer.localize(spec.shard)
+    return instances, layers, loaded, found
+
+
+def apply(
+    model: nn.Module, method: str | list[str], plan=None, *, backend: str | None = None, **overrides
+) -> Patch:
+    """Patch `model` with one method or several composed ones; returns the Patch.
+
+    `plan` is a path, dict or Plan (schema v1); its parameters for each method are overridden by `overrides`.
+    `plan="auto"`: each method that needs a plan and was given none of its data gets the stored or shipped plan
+    for this model (`plan_store`; `patch.plan_sources` says which), or an error naming the calibrate command.
+    """
+    names = check(method, plan, backend=backend, **overrides)
+    spec = detect(model)
+    existing = current_patch(model)
+    if existing is not None:
+        raise PatchStateError(
+            f"model: already patched with {[m.name for m in existing.methods]}; call patch.remove() first, "
+            "or compose methods in one call: llmpatch.apply(model, ['method_a', 'method_b'])"
+        )
+    devices = execution_devices(model)
+    if backend == "triton" and not interpreting():
+        off = sorted({str(d) for d in devices if torch.device(d).type != "cuda"})
+        if off:
+            raise ParameterError(f"backend: 'triton' needs the model on CUDA devices; this one runs on {off}. "
+                                 "Use 'cpu', 'sdpa', 'reference' or None (by device)")  # fmt: skip
+    instances, layers, loaded, found = decide(
+        spec, names, plan, overrides, backend=backend, model_name=plan_store.model_name(model)
+    )
+    with torch.inference_mode(False):
+        for layer, device in zip(layers, devices, strict=True):
             layer.to(device)
 
     # Validation is over: from here on the model changes, and any failure undoes it.
