@@ -199,7 +199,7 @@ def llmpatch_attention(
     if prefill and decision.select is not None:  # query-aware eviction: pick the keys to pin from this prompt
         decision.select(decision, query, key, value, mask, scaling, softcap)
     if tail:
-        return _dense_tail(query, key, value, tail, decision.backend, kw).transpose(1, 2).contiguous(), None
+        return dense_tail(query, key, value, tail, decision.backend, kw).transpose(1, 2).contiguous(), None
     out, sinks = dispatch.attention(query, key, value, backend=decision.backend, **kw)
     if prefill and sinks is not None and calibration is not None:
         calibration.remember(mask, sinks)
@@ -219,7 +219,7 @@ def _refuse_sharding(decision, heads: int):
     )
 
 
-def _dense_tail(query, key, value, tail: int, backend, kw):
+def dense_tail(query, key, value, tail: int, backend, kw):
     """A prompt whose last `tail` queries attend densely: the rows before them under the pattern (over the keys
     they can see), the tail's rows over every visible key; each part on the same backend."""
     cut = query.shape[2] - tail

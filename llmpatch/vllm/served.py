@@ -1,0 +1,123 @@
+"""What a vLLM process serves: the llmpatch decisions for the model vLLM loaded, read once per process.
+
+The plugin is configured by one environment variable, `LLMPATCH_VLLM`, holding JSON (or a path to a JSON file):
+`{"method": "moa", "plan": "auto" | "<path>", "params": {...}}` (`llmpatch serve` and `run --engine vllm` set
+it). Every vLLM process (engine core, workers) inherits it and resolves the same decisions with
+`llmpatch.patch.decide` on a meta-device copy of the model's transformers class, so plans, `plan="auto"`,
+parameter checks and errors are apply()'s own.
+
+Departure from the HF path: spans that grow with the input (moa, streamingllm with `density`) are evaluated at
+one fixed `length` (default: vLLM's max_model_len), because vLLM sizes and frees KV blocks per layer at start-up,
+not per request. The HF path gives the same tokens with the same `length` parameter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..decisions import Kind, LayerDecision
+from ..errors import ParameterError
+
+ENV = "LLMPATCH_VLLM"
+SERVED = ("sink_window", "streamingllm", "moa", "retrieval_mask", "retrieval_kv")
+ELASTIC = ("streamingllm", "moa")
+
+
+@dataclass
+class Served:
+    method: str
+    layers: list[LayerDecision]  # global heads, one per layer
+    length: int | None  # the fixed N elastic spans were evaluated at
+
+    def kv_span(self, layer: int) -> tuple[int, int] | None:
+        """(sink, window) of the tokens any head of `layer` can still see (the largest of each), or None when
+        some head sees every token (the layer keeps its whole cache)."""
+        d = self.layers[layer]
+        if bool((d.window < 0).any()):
+            return None
+        return int(d.sink.max()), int(d.window.max())
+
+    def local(self, layer: int, rank: int, size: int) -> LayerDecision:
+        """Layer `layer`'s decision cut to tensor-parallel rank `rank` of `size` (its query heads)."""
+        d = self.layers[layer]
+        if size == 1:
+            return d
+        from ..sharding import Shard
+
+        cut = LayerDecision(layer=d.layer, num_heads=d.num_heads, sliding_window=d.sliding_window)
+        cut.sink, cut.window, cut.tail, cut.head_mask = d.sink.clone(), d.window.clone(), d.tail, d.head_mask
+        if d.head_mask is not None:
+            from dataclasses import replace
+
+            cut.head_mask = replace(d.head_mask, modes=d.head_mask.modes.clone())
+        cut.localize(Shard(rank, size))
+        return cut
+
+
+def read_config(raw: str | None = None) -> dict | None:
+    """The plugin's configuration from `LLMPATCH_VLLM` (None when unset: the plugin stays out of the way)."""
+    raw = os.environ.get(ENV) if raw is None else raw
+    if not raw:
+        return None
+    text = raw
+    if not raw.lstrip().startswith("{"):
+        try:
+            text = Path(raw).read_text()
+        except OSError as exc:
+            raise ParameterError(f"{ENV}: neither JSON nor a readable file: {raw!r} ({exc.strerror})") from None
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ParameterError(f"{ENV}: not valid JSON ({exc.msg} at char {exc.pos})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("method"), str):
+        raise ParameterError(f'{ENV}: must be a JSON object {{"method": ..., "plan": ..., "params": {{...}}}}')
+    unknown = sorted(set(cfg) - {"method", "plan", "params"})
+    if unknown:
+        raise ParameterError(f"{ENV}: unknown key {unknown[0]!r}; allowed: method, plan, params")
+    if cfg["method"] not in SERVED:
+        raise ParameterError(
+            f"method: vLLM serves the static per-head methods {', '.join(SERVED)}; got {cfg['method']!r}"
+        )
+    params = cfg.get("params") or {}
+    if not isinstance(params, dict):
+        raise ParameterError(f"{ENV}: 'params' must be a JSON object, got {params!r}")
+    if cfg["method"] == "retrieval_kv" and params.get("keep"):
+        raise ParameterError("retrieval_kv: parameter 'keep' must be 0 under vLLM (query-aware pins are not "
+                             "served; the plugin serves the static spans)")  # fmt: skip
+    return {"method": cfg["method"], "plan": cfg.get("plan"), "params": params}
+
+
+def spec_of(hf_config):
+    """The ModelSpec of the transformers model vLLM serves, from a meta-device instance (no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..adapters import detect
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    return detect(model)
+
+
+def resolve(cfg: dict, hf_config, max_model_len: int, model_name: str | None = None) -> Served:
+    """The decisions `cfg` asks for on this model (every check of llmpatch.apply; errors name the parameter)."""
+    from .. import patch
+
+    params = dict(cfg["params"])
+    if cfg["method"] in ELASTIC and params.get("length") is None:
+        params["length"] = max_model_len
+    names = patch.check(cfg["method"], cfg["plan"], **params)
+    spec = spec_of(hf_config)
+    _, layers, _, _ = patch.decide(spec, names, cfg["plan"], params, model_name=model_name)
+    for d in layers:
+        for kind in (Kind.ATTENTION, Kind.CALIBRATION):
+            owner = d.owners.get(kind)
+            if owner is not None and owner not in SERVED:
+                raise ParameterError(f"method: {owner!r} sets the {kind.value} decision, not served by vLLM")
+        if d.pins:
+            raise ParameterError("method: query-aware pins are not served by vLLM")
+    return Served(cfg["method"], layers, params.get("length"))
