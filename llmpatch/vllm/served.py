@@ -69,13 +69,17 @@ def read_config(raw: str | None = None) -> dict | None:
         try:
             text = Path(raw).read_text()
         except OSError as exc:
-            raise ParameterError(f"{ENV}: neither JSON nor a readable file: {raw!r} ({exc.strerror})") from None
+            raise ParameterError(
+                f"{ENV}: neither JSON nor a readable file: {raw!r} ({exc.strerror})"
+            ) from None
     try:
         cfg = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ParameterError(f"{ENV}: not valid JSON ({exc.msg} at char {exc.pos})") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("method"), str):
-        raise ParameterError(f'{ENV}: must be a JSON object {{"method": ..., "plan": ..., "params": {{...}}}}')
+        raise ParameterError(
+            f'{ENV}: must be a JSON object {{"method": ..., "plan": ..., "params": {{...}}}}'
+        )
     unknown = sorted(set(cfg) - {"method", "plan", "params"})
     if unknown:
         raise ParameterError(f"{ENV}: unknown key {unknown[0]!r}; allowed: method, plan, params")

@@ -26,7 +26,9 @@ def served(vllm_config=None):
                     "enable_prefix_caching: must be False with llmpatch's sink + window KV manager (a cached "
                     "prefix would need the blocks it frees); pass enable_prefix_caching=False"
                 )
-            _SERVED["value"] = _served.resolve(cfg, mc.hf_config.get_text_config(), mc.max_model_len, mc.model)
+            _SERVED["value"] = _served.resolve(
+                cfg, mc.hf_config.get_text_config(), mc.max_model_len, mc.model
+            )
     return _SERVED["value"]
 
 
@@ -45,7 +47,9 @@ def decision_for(layer, num_heads: int):
         if s is not None:
             from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
-            d = s.local(layer_index(name), get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
+            d = s.local(
+                layer_index(name), get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+            )
             if d.num_heads != num_heads:
                 raise ParameterError(f"tensor_parallel_size: layer {name} holds {num_heads} query heads but the "
                                      f"plan's cut gives {d.num_heads}")  # fmt: skip

@@ -1,0 +1,112 @@
+"""The engine-independent half of the vLLM plugin (llmpatch/vllm/served.py), without vLLM: the configuration it
+reads, the decisions it serves (apply()'s own), the KV spans it gives vLLM, and `llmpatch serve`'s refusals."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import llmpatch
+from llmpatch.cli import app
+from llmpatch.errors import ParameterError
+from llmpatch.vllm import PINNED, check_version
+from llmpatch.vllm.served import read_config, resolve
+
+pytestmark = pytest.mark.real
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        ("{not json", "LLMPATCH_VLLM: not valid JSON"),
+        ("/no/such/file.json", "LLMPATCH_VLLM: neither JSON nor a readable file"),
+        ('{"params": {}}', 'LLMPATCH_VLLM: must be a JSON object {"method"'),
+        (
+            '{"method": "moa", "plans": "auto"}',
+            "LLMPATCH_VLLM: unknown key 'plans'; allowed: method, plan, params",
+        ),
+        ('{"method": "dhsa"}', "method: vLLM serves the static per-head methods sink_window, streamingllm"),
+        ('{"method": "retrieval_kv", "params": {"keep": 4}}', "retrieval_kv: parameter 'keep' must be 0"),
+        ('{"method": "moa", "params": [1]}', "LLMPATCH_VLLM: 'params' must be a JSON object"),
+    ],
+)
+def test_bad_configuration_names_the_parameter(raw, match):
+    with pytest.raises(ParameterError, match=match.replace("(", r"\(").replace("{", r"\{")):
+        read_config(raw)
+
+
+def test_configuration_from_a_file(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"method": "moa", "plan": "auto"}))
+    assert read_config(str(f)) == {"method": "moa", "plan": "auto", "params": {}}
+    assert read_config("") is None
+
+
+@pytest.mark.parametrize(
+    "method, plan, params",
+    [
+        ("streamingllm", None, {"density": 0.25}),
+        ("moa", "auto", {}),
+        ("retrieval_kv", "auto", {}),
+        ("retrieval_mask", "auto", {"top_k": 20}),
+        ("sink_window", None, {"sink": 16, "window": 256}),
+    ],
+)
+def test_served_decisions_are_applys(smollm2, method, plan, params):
+    model, _ = smollm2
+    served = resolve({"method": method, "plan": plan, "params": params}, model.config, 4096)
+    extra = {"length": 4096} if method in ("streamingllm", "moa") else {}
+    with llmpatch.patched(model, method, plan, **params, **extra) as patch:
+        for got, want in zip(served.layers, patch.layers, strict=True):
+            assert torch.equal(got.sink, want.sink) and torch.equal(got.window, want.window)
+            assert (got.head_mask is None) == (want.head_mask is None)
+            if got.head_mask is not None:
+                assert torch.equal(got.head_mask.modes, want.head_mask.modes)
+
+
+def test_kv_spans_and_tensor_parallel_cut(smollm2):
+    model, _ = smollm2
+    served = resolve(
+        {"method": "streamingllm", "plan": None, "params": {"density": 0.25}}, model.config, 8192
+    )
+    assert {served.kv_span(i) for i in range(len(served.layers))} == {(64, 2048 - 64)}
+    kv = resolve({"method": "retrieval_kv", "plan": "auto", "params": {}}, model.config, 8192)
+    spans = [kv.kv_span(i) for i in range(len(kv.layers))]
+    full = [i for i, d in enumerate(kv.layers) if bool((d.window < 0).any())]
+    assert [i for i, s in enumerate(spans) if s is None] == full and len(full) < len(spans)
+    d = kv.layers[full[0]]
+    cut = kv.local(full[0], 1, 3)
+    assert (
+        cut.num_heads == 3 and torch.equal(cut.window, d.window[3:6]) and torch.equal(cut.sink, d.sink[3:6])
+    )
+    assert kv.local(full[0], 0, 1) is d
+
+
+def test_version_pin():
+    check_version(PINNED)
+    check_version(PINNED + "+cpu")
+    with pytest.raises(ParameterError, match="vllm: llmpatch's plugin is tested against vLLM 0.32.0"):
+        check_version("0.33.0")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "dhsa"], "error: --method: vLLM serves sink_window"),
+        (["--method", "moa", "--set", "sink=-1"], "error: moa: parameter 'sink' must be an int >= 0"),
+        (["--method", "moa", "--dtype", "bfloat16"], "error: --dtype: must be float32 or float16"),
+    ],
+)
+def test_serve_refuses_before_vllm_starts(args, message):
+    res = CliRunner().invoke(app, ["serve", "--model", "smollm2-135m", *args])
+    assert res.exit_code == 2 and message in " ".join(res.output.split())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed in this venv")
+def test_serve_without_vllm_says_how_to_install():
+    res = CliRunner().invoke(app, ["serve", "--model", "smollm2-135m", "--method", "moa"])
+    assert res.exit_code == 2 and 'pip install "llmpatch[vllm]"' in " ".join(res.output.split())
