@@ -6,6 +6,8 @@ A layer whose decision is dense runs vLLM's own kernel. Otherwise each request i
   dense `tail`;
 - later steps (decode, or the rest of a chunked prompt) read from the paged cache only the tokens some head of
   each KV head can still see (its sink and its window), at their positions, never the whole cache.
+A step of more than one query is a prompt (a head mask applies on decode steps only): a prompt's last chunk of
+one token counts as a decode step.
 Cache layout read here (vLLM 0.32 CPU "vec" / "vec16" ISAs): `[blocks, kv_heads, block_size, 2 * D]`, each
 block and KV head holding its keys as `[D, block_size]` and then its values as `[block_size, D]`.
 """
@@ -87,11 +89,12 @@ class LlmpatchCPUAttentionImpl(CPUAttentionBackendImpl):
             kw = dict(
                 scale=self.scale, softcap=self.logits_soft_cap or None, sliding_window=decision.sliding_window
             )
-            prefill = first == 0
+            # a prompt, or a later chunk of one (decode steps are 1 token)
+            prefill = first == 0 or q1 - q0 > 1
             if decision.head_mask is not None:
                 kw.update(decision.head_mask.kernel_args(prefill))
             narrowest = decision.narrowest_window()
-            if prefill:
+            if first == 0:
                 k = key[q0:q1].transpose(0, 1).unsqueeze(0)
                 v = value[q0:q1].transpose(0, 1).unsqueeze(0)
                 if narrowest is not None and rules.narrows(narrowest, length):

@@ -1,4 +1,4 @@
-"""The vLLM plugin's tests need vLLM (`pip install "llmpatch[vllm]"`, in its own venv: tests/vllm/run.sh); the
+"""The vLLM plugin's tests need vLLM (`pip install "llmpatch[vllm]"`, in its own venv: tests/vllm_plugin/run.sh); the
 default suite, without vLLM, does not collect them."""
 
 import importlib.util

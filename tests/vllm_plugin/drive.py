@@ -1,6 +1,6 @@
 """Run one vLLM engine (with the llmpatch plugin when a method is given) over the test prompts; print JSON.
 
-python tests/vllm/drive.py '{"method": "moa", "plan": "auto", "params": {}}' [--tp 2] [--model smollm2-135m]
+python tests/vllm_plugin/drive.py '{"method": "moa", "plan": "auto", "params": {}}' [--tp 2] [--model smollm2-135m]
 A config of "dense" runs vLLM without the plugin. Prompts: see `prompts()`; one engine serves the single prompts
 one at a time, then the batch of concurrent requests.
 """

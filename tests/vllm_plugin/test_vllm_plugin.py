@@ -1,6 +1,6 @@
 """vLLM + llmpatch's plugin against HF + llmpatch.apply: the same greedy tokens for every served method (prompts
 of 1k and 3k tokens, and a batch of four concurrent requests of different lengths), the KV capacity vLLM
-reports, and the start-up refusals. Each engine runs in its own process (tests/vllm/drive.py)."""
+reports, and the start-up refusals. Each engine runs in its own process (tests/vllm_plugin/drive.py)."""
 
 from __future__ import annotations
 
