@@ -168,13 +168,8 @@ def llmpatch_attention(
         kw.update(q_pos=positions.q_pos, k_pos=positions.k_pos, k_spans=positions.spans)
     else:
         kw.update(start=mask.start, key_padding=mask.key_padding)
-    tail = 0
-    narrowest = decision.narrowest_window()
-    if narrowest is not None and (positions is not None or rules.narrows(narrowest, nk)):  # else: dense
-        kw.update(sink=decision.sink, window=decision.window)
-        tail = min(decision.tail, nq) if prefill else 0
-    if decision.head_mask is not None:
-        kw.update(decision.head_mask.kernel_args(prefill))
+    kw.update(pattern_args(decision, nk, positions is not None, prefill))
+    tail = min(decision.tail, nq) if prefill and "sink" in kw else 0
     calibration = decision.calibration
     if calibration is not None:
         kw.update(calibration.kernel_args(prefill, mask, b, nk))
@@ -204,6 +199,19 @@ def llmpatch_attention(
     if prefill and sinks is not None and calibration is not None:
         calibration.remember(mask, sinks)
     return out.transpose(1, 2).contiguous(), None
+
+
+def pattern_args(decision, nk: int, positioned: bool, prefill: bool) -> dict:
+    """The PATTERN and HEAD_MASK decisions as kernel arguments for a call over `nk` keys: sink and window
+    where the pattern narrows them (always for keys at explicit positions), the head mask for a prompt's
+    queries (`prefill`) or a decode step's. Also what the vLLM plugin renders."""
+    kw = {}
+    narrowest = decision.narrowest_window()
+    if narrowest is not None and (positioned or rules.narrows(narrowest, nk)):  # else: dense
+        kw.update(sink=decision.sink, window=decision.window)
+    if decision.head_mask is not None:
+        kw.update(decision.head_mask.kernel_args(prefill))
+    return kw
 
 
 def _refuse_sharding(decision, heads: int):

@@ -419,10 +419,8 @@ def serve_cmd(
 
         from .vllm.served import read_config, resolve
 
-        hf_config = AutoConfig.from_pretrained(
-            path
-        )  # every check vLLM's processes will make, before they start
-        resolve(read_config(env), getattr(hf_config, "get_text_config", lambda: hf_config)(), max_model_len)
+        # every check vLLM's processes will make, before they start
+        resolve(read_config(env), AutoConfig.from_pretrained(path), max_model_len)
         argv = serve.command(path, model, host=host, port=port, max_model_len=max_model_len, dtype=dtype,
                              tensor_parallel_size=tensor_parallel_size, extra=list(ctx.args))  # fmt: skip
     except LlmpatchError as exc:

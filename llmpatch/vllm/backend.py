@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
-from ..kernels import dispatch, rules
+from ..attention import dense_tail, pattern_args
+from ..kernels import dispatch
 from . import state
 
 LAYOUT_ISAS = ("vec", "vec16")
@@ -91,29 +92,18 @@ class LlmpatchCPUAttentionImpl(CPUAttentionBackendImpl):
             )
             # a prompt, or a later chunk of one (decode steps are 1 token)
             prefill = first == 0 or q1 - q0 > 1
-            if decision.head_mask is not None:
-                kw.update(decision.head_mask.kernel_args(prefill))
-            narrowest = decision.narrowest_window()
             if first == 0:
                 k = key[q0:q1].transpose(0, 1).unsqueeze(0)
                 v = value[q0:q1].transpose(0, 1).unsqueeze(0)
-                if narrowest is not None and rules.narrows(narrowest, length):
-                    kw.update(sink=decision.sink, window=decision.window)
+                kw.update(pattern_args(decision, length, False, prefill))
                 tail = min(decision.tail, q1 - q0) if "sink" in kw else 0
-                if tail:
-                    from ..attention import dense_tail
-
-                    out = dense_tail(q, k, v, tail, None, kw)
-                else:
-                    out = dispatch.attention(q, k, v, **kw)[0]
+                out = dense_tail(q, k, v, tail, None, kw) if tail else dispatch.attention(q, k, v, **kw)[0]
             else:
                 positions = kept_positions(decision, hkv, length, first)
                 k, v, k_pos = gather(kv_cache, attn_metadata.block_table[r], positions)
-                q_pos = torch.arange(first, length).unsqueeze(0)
-                kw.update(q_pos=q_pos, k_pos=k_pos)
-                if narrowest is not None:
-                    kw.update(sink=decision.sink, window=decision.window)
-                out = dispatch.attention(q, k.to(q.dtype), v.to(q.dtype), **kw)[0]
+                kw.update(q_pos=torch.arange(first, length).unsqueeze(0), k_pos=k_pos)
+                kw.update(pattern_args(decision, k.shape[2], True, prefill))
+                out = dispatch.attention(q, k, v, **kw)[0]
             output[q0:q1] = out[0].transpose(0, 1).reshape(output[q0:q1].shape)
         return output
 

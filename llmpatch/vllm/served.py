@@ -13,6 +13,7 @@ not per request. The HF path gives the same tokens with the same `length` parame
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..decisions import Kind, LayerDecision
+from ..decisions import LayerDecision
 from ..errors import ParameterError
 
 ENV = "LLMPATCH_VLLM"
@@ -30,9 +31,7 @@ ELASTIC = ("streamingllm", "moa")
 
 @dataclass
 class Served:
-    method: str
     layers: list[LayerDecision]  # global heads, one per layer
-    length: int | None  # the fixed N elastic spans were evaluated at
 
     def kv_span(self, layer: int) -> tuple[int, int] | None:
         """(sink, window) of the tokens any head of `layer` can still see (the largest of each), or None when
@@ -49,12 +48,7 @@ class Served:
             return d
         from ..sharding import Shard
 
-        cut = LayerDecision(layer=d.layer, num_heads=d.num_heads, sliding_window=d.sliding_window)
-        cut.sink, cut.window, cut.tail, cut.head_mask = d.sink.clone(), d.window.clone(), d.tail, d.head_mask
-        if d.head_mask is not None:
-            from dataclasses import replace
-
-            cut.head_mask = replace(d.head_mask, modes=d.head_mask.modes.clone())
+        cut = copy.deepcopy(d)
         cut.localize(Shard(rank, size))
         return cut
 
@@ -103,7 +97,7 @@ def spec_of(hf_config):
     from ..adapters import detect
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
+        model = AutoModelForCausalLM.from_config(hf_config.get_text_config())
     return detect(model)
 
 
@@ -117,11 +111,7 @@ def resolve(cfg: dict, hf_config, max_model_len: int, model_name: str | None = N
     names = patch.check(cfg["method"], cfg["plan"], **params)
     spec = spec_of(hf_config)
     _, layers, _, _ = patch.decide(spec, names, cfg["plan"], params, model_name=model_name)
-    for d in layers:
-        for kind in (Kind.ATTENTION, Kind.CALIBRATION):
-            owner = d.owners.get(kind)
-            if owner is not None and owner not in SERVED:
-                raise ParameterError(f"method: {owner!r} sets the {kind.value} decision, not served by vLLM")
-        if d.pins:
-            raise ParameterError("method: query-aware pins are not served by vLLM")
-    return Served(cfg["method"], layers, params.get("length"))
+    if any(d.pins for d in layers):  # a plan's `keep` (the configuration's is refused in read_config)
+        raise ParameterError("retrieval_kv: parameter 'keep' must be 0 under vLLM (query-aware pins are not "
+                             "served; the plugin serves the static spans)")  # fmt: skip
+    return Served(layers)

@@ -26,9 +26,7 @@ def served(vllm_config=None):
                     "enable_prefix_caching: must be False with llmpatch's sink + window KV manager (a cached "
                     "prefix would need the blocks it frees); pass enable_prefix_caching=False"
                 )
-            _SERVED["value"] = _served.resolve(
-                cfg, mc.hf_config.get_text_config(), mc.max_model_len, mc.model
-            )
+            _SERVED["value"] = _served.resolve(cfg, mc.hf_config, mc.max_model_len, mc.model)
     return _SERVED["value"]
 
 
