@@ -93,4 +93,8 @@ def method_cases(layers: int, heads: int, backend: str | None) -> dict[str, tupl
         "longheads": ("longheads", dict(chunk_size=4, attention_length=12, block_size=2)),
         "dhsa": ("dhsa", dhsa),
         "kvzip": ("kvzip", dict(ratio=0.5, sink=2, window=4, chunk=16, instruction=[5, 6, 7])),
+        "kvzip_heads": (
+            "kvzip_heads",
+            dict(ratio=0.5, sink=2, window=4, chunk=16, instruction=[5, 6, 7], scores=scores, top_k=3),
+        ),  # fmt: skip
     }

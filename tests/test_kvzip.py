@@ -72,6 +72,31 @@ def test_budget_is_model_wide_with_per_head_counts(layerwise, decode):
     assert report["saved"] == pytest.approx(1 - slots / (spec.num_layers * spec.num_kv_heads * (n + 2)))
 
 
+def test_whole_heads_keep_the_prompt_inside_the_same_budget():
+    """kvzip_heads: the KV heads of the chosen query heads pin every prompt token; the model-wide count is
+    kvzip's, so the other heads keep fewer than under kvzip."""
+    model = tiny_model("llama")
+    x = torch.tensor([PROMPTS[0] * 3])
+    n, ratio, sink, window = x.shape[1], 0.6, 2, 4
+    spec = llmpatch.detect(model)
+    g = spec.num_heads // spec.num_kv_heads
+    whole = [[0, 0], [1, g]]  # KV head 0 of layer 0, KV head 1 of layer 1
+    kept = {}
+    for method, extra in (("kvzip", {}), ("kvzip_heads", {"heads": whole})):
+        with torch.no_grad(), llmpatch.patched(model, method, ratio=ratio, sink=sink, window=window,
+                                               instruction=LEAD, **extra):  # fmt: skip
+            cache = caches.output_cache(model(x, use_cache=True))
+        kept[method] = [
+            [s + k for s, k in zip(layer.sink, layer.pins, strict=True)] for layer in cache.layers
+        ]
+    assert kept["kvzip_heads"][0][0] == n and kept["kvzip_heads"][1][1] == n
+    assert kept["kvzip"][0][0] < n
+    assert sum(map(sum, kept["kvzip_heads"])) == sum(map(sum, kept["kvzip"]))
+    others = [(li, h) for li in range(spec.num_layers) for h in range(spec.num_kv_heads) if (li, h) not in
+              ((0, 0), (1, 1))]  # fmt: skip
+    assert sum(kept["kvzip_heads"][li][h] for li, h in others) < sum(kept["kvzip"][li][h] for li, h in others)
+
+
 @pytest.mark.parametrize("decode,kept", [(None, False), (16, True)])
 def test_a_question_after_the_compression_stays_while_answering(decode, kept):
     """Protocol B: the context is compressed, a 10-token question comes through the cache, then 5 answer tokens.

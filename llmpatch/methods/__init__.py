@@ -9,6 +9,7 @@ from .chunkkv import ChunkKV
 from .dense import Dense
 from .dhsa import DHSA
 from .kvzip import KVzip
+from .kvzip_heads import KVzipHeads
 from .longheads import LongHeads
 from .moa import MoA
 from .moa_chunkkv import MoAChunkKV
@@ -32,6 +33,7 @@ REGISTRY: dict[str, type[Method]] = {
     ChunkKV.name: ChunkKV,
     MoAChunkKV.name: MoAChunkKV,
     KVzip.name: KVzip,
+    KVzipHeads.name: KVzipHeads,
 }
 
 

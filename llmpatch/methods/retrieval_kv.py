@@ -20,10 +20,9 @@ from __future__ import annotations
 import dataclasses
 
 from ..decisions import Kind
-from ..errors import ParameterError
-from .base import check_head_pairs, param
+from .base import param
 from .chunkkv import ChunkPins
-from .shared import ScoredHeads, ranked_heads, tail_param
+from .shared import ScoredHeads, kept_heads, tail_param
 
 
 @dataclasses.dataclass
@@ -50,19 +49,7 @@ class RetrievalKV(ScoredHeads, ChunkPins):
         self.full_kv_heads(spec)
 
     def kept(self, spec) -> list[tuple[int, int]]:
-        if self.heads is not None:
-            if self.top_k is not None:
-                raise ParameterError("retrieval_kv: give 'top_k' or 'heads', not both")
-            return check_head_pairs(self.name, self.heads, spec)
-        chosen = self.ranking(spec)
-        if self.top_k is not None:
-            total = spec.num_layers * spec.num_heads
-            if self.top_k > total:
-                raise ParameterError(
-                    f"retrieval_kv: parameter 'top_k' must be in 0..{total}, got {self.top_k}"
-                )
-            return ranked_heads(chosen)[: self.top_k]
-        return [p for p in ranked_heads(chosen) if chosen[p[0]][p[1]] > self.threshold]
+        return kept_heads(self, spec)
 
     def full_kv_heads(self, spec) -> dict[int, list[int]]:
         """{layer: KV heads kept in full} for the layers that are compressed (no own sliding window, unless

@@ -9,7 +9,7 @@ import torch
 
 from ..decisions import Kind
 from ..errors import ParameterError, PlanError
-from .base import Method, param
+from .base import Method, check_head_pairs, param
 
 
 def tail_param():
@@ -150,3 +150,21 @@ class ScoredHeads(Method):
             )
         check_scores(self.name, table, spec)
         return table
+
+
+def kept_heads(method, spec) -> list[tuple[int, int]]:
+    """The query heads a method keeps whole (retrieval_kv, kvzip_heads): its `heads` list, else its `top_k`
+    best-ranked heads, else those ranked above its `threshold`."""
+    if method.heads is not None:
+        if method.top_k is not None:
+            raise ParameterError(f"{method.name}: give 'top_k' or 'heads', not both")
+        return check_head_pairs(method.name, method.heads, spec)
+    table = method.ranking(spec)
+    if method.top_k is not None:
+        total = spec.num_layers * spec.num_heads
+        if method.top_k > total:
+            raise ParameterError(
+                f"{method.name}: parameter 'top_k' must be in 0..{total}, got {method.top_k}"
+            )
+        return ranked_heads(table)[: method.top_k]
+    return [p for p in ranked_heads(table) if table[p[0]][p[1]] > method.threshold]
