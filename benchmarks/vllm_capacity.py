@@ -22,6 +22,18 @@ CONFIGS = {
 }
 
 
+def engine(label: str, cfg, *args: str) -> dict:
+    """One engine process (tests/vllm_plugin/drive.py) for `cfg` ("dense": no plugin): its RESULT line."""
+    arg = cfg if cfg == "dense" else json.dumps(cfg)
+    proc = subprocess.run(
+        [sys.executable, str(DRIVE), arg, *args], capture_output=True, text=True, timeout=3600
+    )
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        sys.exit(f"{label}: the engine did not start\n{proc.stderr[-4000:]}")
+    return json.loads(line[len("RESULT ") :])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -34,21 +46,20 @@ def main() -> None:
         help="vLLM's step budget: a prompt is "
         "prefilled in chunks of this size, so a bounded layer holds its span plus one chunk",
     )
+    ap.add_argument(
+        "--block-size", type=int, default=None, help="KV block size (default: vLLM's, 128 on CPU)"
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     from llmpatch.meta import run_metadata
 
     rows = []
     for label, cfg in CONFIGS.items():
-        arg = cfg if cfg == "dense" else json.dumps(cfg)
-        cmd = [sys.executable, str(DRIVE), arg, "--model", args.model, "--capacity-only",
-               "--max-model-len", str(args.max_model_len), "--kv-gib", str(args.kv_gib),
-               "--max-num-batched-tokens", str(args.max_num_batched_tokens)]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            sys.exit(f"{label}: the engine did not start\n{proc.stderr[-4000:]}")
-        rows.append({"plan": label, "config": cfg, **json.loads(line[len("RESULT ") :])})
+        got = engine(label, cfg, "--model", args.model, "--capacity-only", "--max-model-len",
+                     str(args.max_model_len), "--kv-gib", str(args.kv_gib), "--max-num-batched-tokens",
+                     str(args.max_num_batched_tokens),
+                     *(["--block-size", str(args.block_size)] if args.block_size else []))  # fmt: skip
+        rows.append({"plan": label, "config": cfg, **got})
         print(f"{label}: {rows[-1]['kv_tokens']} KV tokens", flush=True)
     dense = rows[0]["kv_tokens"]
     print(f"\n| plan | KV tokens | max concurrency at {args.max_model_len} | vs dense |\n|---|---|---|---|")

@@ -39,8 +39,10 @@ class MethodConfig:
 
 
 def check_lengths(model, lengths, beyond_context: bool = False) -> list[int]:
-    """Prompt lengths, at most the model's context unless `beyond_context` (length extrapolation runs)."""
-    limit = None if beyond_context else getattr(model.config, "max_position_embeddings", None)
+    """Prompt lengths, at most the model's context (`model`: a model or its config) unless `beyond_context`
+    (length extrapolation runs)."""
+    config = getattr(model, "config", model)
+    limit = None if beyond_context else getattr(config, "max_position_embeddings", None)
     out = []
     for n in lengths:
         if not isinstance(n, int) or isinstance(n, bool) or n < 64:
@@ -80,9 +82,12 @@ def run_suite(
     progress=None,
     beyond_context: bool = False,
     logprob: bool = True,
+    engine=None,
 ) -> dict:
     """Run one suite; returns {"suite", "configs": [{"label", "cells": [...], "samples": [...]}], ...}.
-    `logprob=False` skips the teacher-forced answer log-probability (a second forward per sample)."""
+    `logprob=False` skips the teacher-forced answer log-probability (a second forward per sample). `engine`
+    (llmpatch.vllm.engine.VLLMEngine) generates through vLLM instead of the HF `model` (which may then be its
+    config): the same prompts and scoring; timings, density and KV bytes are the HF path's and stay empty."""
     suite = get_suite(suite) if isinstance(suite, str) else suite
     lengths = check_lengths(model, lengths, beyond_context)
     if not isinstance(samples, int) or samples < 1:
@@ -99,8 +104,16 @@ def run_suite(
     }
     task = progress.add_task(suite.name, total=len(prompts) * len(configs)) if progress else None
     results = []
+    if engine is not None:
+        for config in configs:  # every configuration's checks before any engine starts
+            engine.check(config)
     for config in configs:
-        patch = config.apply(model)
+        generated = (
+            engine_outputs(engine, config, prompts, tokenizer, suite.max_new_tokens) if engine else None
+        )
+        if generated is not None and progress:
+            progress.update(task, advance=len(prompts), description=f"{suite.name} {config.label} (vllm)")
+        patch = config.apply(model) if engine is None else None
         tracker = patch.track_sparsity() if patch is not None else None
         records, cells = [], []
         try:
@@ -111,17 +124,21 @@ def run_suite(
                     cell = []
                     for i in range(samples):
                         s = prompts[(n, d, i)]
-                        gen = generate_timed(model, tokenizer, s.prompt, suite.max_new_tokens)
+                        gen = (
+                            generate_timed(model, tokenizer, s.prompt, suite.max_new_tokens).to_dict()
+                            if generated is None
+                            else generated[(n, d, i)]
+                        )
                         rec = {
                             **s.to_dict(),
-                            "output": gen.text,
-                            "score": suite.score(s, gen.text),
-                            **{k: v for k, v in gen.to_dict().items() if k != "text"},
+                            "output": gen["text"],
+                            "score": suite.score(s, gen["text"]),
+                            **{k: v for k, v in gen.items() if k != "text"},
                         }
-                        if logprob and s.answer_text is not None:
+                        if logprob and s.answer_text is not None and generated is None:
                             rec["answer_logprob"] = answer_logprob(model, tokenizer, s.prompt, s.answer_text)
                         cell.append(rec)
-                        if progress:
+                        if progress and generated is None:
                             progress.update(task, advance=1, description=f"{suite.name} {config.label} {n}")
                     cells.append(
                         {
@@ -135,7 +152,9 @@ def run_suite(
                             "decode_tokens_per_s": _mean(r["decode_tokens_per_s"] for r in cell),
                             "peak_memory_mb": max((r["peak_memory_mb"] or 0) for r in cell) or None,
                             "answer_logprob": _mean(r.get("answer_logprob") for r in cell),
-                            "density": tracker.density if tracker is not None else 1.0,
+                            "density": tracker.density
+                            if tracker is not None
+                            else (1.0 if config.methods is None else None),
                             "kv_saved": _kv_saved(cell),
                         }
                     )
@@ -145,6 +164,8 @@ def run_suite(
                 patch.remove()
         results.append({"label": config.label, "methods": config.methods, "params": config.params,
                         "plan": config.plan, "cells": cells, "samples": records})  # fmt: skip
+        if engine is not None:
+            results[-1]["engine"] = {"name": engine.name, **engine.info.get(config.label, {})}
     return {
         "suite": suite.name,
         "lengths": lengths,
@@ -154,6 +175,22 @@ def run_suite(
         "beyond_context": beyond_context,
         "haystack": haystack.path if haystack and haystack.path else "generated",
         "configs": results,
+    }
+
+
+def engine_outputs(engine, config, prompts: dict, tokenizer, max_new_tokens: int) -> dict:
+    """{key: generation fields} for every prompt, generated by `engine` in one run (token ids made here, as
+    generate_timed makes them; outputs decoded the same way)."""
+    keys = list(prompts)
+    ids = [tokenizer(prompts[k].prompt, add_special_tokens=False).input_ids for k in keys]
+    tokens = engine.generate(config, ids, max_new_tokens)
+    return {
+        k: {
+            "text": tokenizer.decode(t, skip_special_tokens=True),
+            "new_tokens": len(t),
+            "prompt_tokens": len(p),
+        }
+        for k, p, t in zip(keys, ids, tokens, strict=True)
     }
 
 

@@ -377,6 +377,19 @@ def _csv(text: str | None, cast, what: str):
         raise ParameterError(f"--{what}: expected comma-separated numbers, got {text!r}") from None
 
 
+def _local_model(model: str) -> Path:
+    """The local transformers folder of an alias (fetched) or a path (what vLLM loads)."""
+    from .models import ALIASES, fetch
+
+    if model in ALIASES:
+        return fetch(model, progress=err.print)
+    if Path(model).is_dir():
+        return Path(model)
+    raise ParameterError(
+        f"--model: give an alias ({', '.join(ALIASES)}) or a transformers folder; got {model!r}"
+    )
+
+
 @app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve_cmd(
     ctx: typer.Context,
@@ -396,7 +409,6 @@ def serve_cmd(
 ):
     """Serve with vLLM's OpenAI-compatible server and llmpatch's plugin (pip install "llmpatch[vllm]");
     arguments after the options go to vLLM."""
-    from .models import ALIASES, fetch
     from .patch import check
     from .vllm import serve
 
@@ -408,13 +420,7 @@ def serve_cmd(
         env = serve.config(method, plan_arg, overrides)
         check(method, plan_arg, **overrides)
         serve.installed_vllm()
-        if model in ALIASES:
-            path = fetch(model, progress=err.print)
-        elif Path(model).is_dir():
-            path = Path(model)
-        else:
-            raise ParameterError(f"--model: give an alias ({', '.join(ALIASES)}) or a transformers folder; "
-                                 f"got {model!r}")  # fmt: skip
+        path = _local_model(model)
         from transformers import AutoConfig
 
         from .vllm.served import read_config, resolve
@@ -458,6 +464,12 @@ def run_cmd(
     ),
     device_map: str = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
     max_memory: str = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
+    engine: str = typer.Option(
+        "hf", "--engine", help="hf (transformers + llmpatch.apply) or vllm (the plugin)"
+    ),
+    max_model_len: int = typer.Option(
+        None, "--max-model-len", min=64, help="vllm: the engine's length (default: longest length + 256)"
+    ),
 ):
     """Run one suite on the unpatched model and, with --method, on the patched one."""
     from rich.progress import Progress
@@ -482,13 +494,30 @@ def run_cmd(
         )
         for c in configs:  # before the model loads
             check(c.methods, c.plan, **c.params)
-        m, tok = load_model(model, progress=err.print, **placement(device_map, max_memory))
+        if engine not in ("hf", "vllm"):
+            raise ParameterError(f"--engine: must be hf or vllm, got {engine!r}")
+        gen, meta = None, {"engine": "hf"}
+        if engine == "vllm":
+            from transformers import AutoConfig, AutoTokenizer
+
+            from .vllm.engine import VLLMEngine
+            from .vllm.serve import installed_vllm
+
+            meta = {"engine": "vllm", "vllm": installed_vllm()}
+            path = _local_model(model)
+            m, tok = AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+            gen = VLLMEngine(path, max_model_len=max_model_len or max(length_list or [1024]) + 256)
+        else:
+            m, tok = load_model(model, progress=err.print, **placement(device_map, max_memory))
         with Progress(console=err) as progress:
             result = run_suite(m, tok, suite, lengths=length_list, samples=samples, depths=depth_list,
                                configs=configs, seed=seed, haystack=hay, progress=progress,
-                               beyond_context=beyond_context, logprob=logprob)  # fmt: skip
+                               beyond_context=beyond_context, logprob=logprob and gen is None,
+                               engine=gen)  # fmt: skip
         out = out or _default_out(suite)
-        payload = write_report([result], out, model=model)
+        if gen is not None:
+            meta["max_model_len"] = gen.max_model_len
+        payload = write_report([result], out, model=model, extra_meta=meta)
     except LlmpatchError as exc:
         _fail(str(exc))
     _print_rows(payload["summary"], f"{suite} on {model}")

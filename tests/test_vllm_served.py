@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import pytest
 import torch
@@ -46,6 +47,18 @@ def test_configuration_from_a_file(tmp_path):
     assert read_config("") is None
 
 
+def test_configuration_from_vllms_additional_config():
+    cfg = {"method": "streamingllm", "params": {"density": 0.25}}
+    want = {"method": "streamingllm", "plan": None, "params": {"density": 0.25}}
+    assert read_config("", {"llmpatch": cfg, "other": 1}) == want
+    assert read_config(json.dumps(cfg), {"llmpatch": cfg}) == want  # both, agreeing
+    assert read_config("", {"other": 1}) is None
+    with pytest.raises(ParameterError, match=r"additional_config\['llmpatch'\]: unknown key 'density'"):
+        read_config("", {"llmpatch": {"method": "streamingllm", "density": 0.25}})
+    with pytest.raises(ParameterError, match="both set and differ"):
+        read_config('{"method": "moa", "plan": "auto"}', {"llmpatch": cfg})
+
+
 @pytest.mark.parametrize(
     "method, plan, params",
     [
@@ -79,10 +92,12 @@ def test_kv_spans_and_tensor_parallel_cut(smollm2):
     full = [i for i, d in enumerate(kv.layers) if bool((d.window < 0).any())]
     assert [i for i, s in enumerate(spans) if s is None] == full and len(full) < len(spans)
     d = kv.layers[full[0]]
-    cut = kv.local(full[0], 1, 3)
+    with torch.inference_mode():  # vLLM asks inside its forward
+        cut = kv.local(full[0], 1, 3)
     assert (
         cut.num_heads == 3 and torch.equal(cut.window, d.window[3:6]) and torch.equal(cut.sink, d.sink[3:6])
     )
+    assert cut.narrowest_window() == d.narrowest_window()  # the cut keeps version counters
     assert kv.local(full[0], 0, 1) is d
 
 
@@ -110,3 +125,29 @@ def test_serve_refuses_before_vllm_starts(args, message):
 def test_serve_without_vllm_says_how_to_install():
     res = CliRunner().invoke(app, ["serve", "--model", "smollm2-135m", "--method", "moa"])
     assert res.exit_code == 2 and 'pip install "llmpatch[vllm]"' in " ".join(res.output.split())
+
+
+def test_run_engine_refusals_before_any_engine_starts(smollm2):
+    from llmpatch.evals.runner import MethodConfig
+
+    from llmpatch.models import alias_dir
+    from llmpatch.vllm.engine import VLLMEngine
+
+    res = CliRunner().invoke(app, ["run", "passkey", "--model", "smollm2-135m", "--engine", "tpu"])
+    assert res.exit_code == 2 and "error: --engine: must be hf or vllm, got 'tpu'" in " ".join(
+        res.output.split()
+    )
+    engine = VLLMEngine(alias_dir("smollm2-135m") / "hf", max_model_len=2048)
+    assert engine.check(MethodConfig("dense")) is None
+    for config, message in (
+        (
+            MethodConfig("a", ["moa", "act"], {}, "auto"),
+            "--engine vllm: serves one method at a time, got moa+act",
+        ),
+        (MethodConfig("d", ["dhsa"], {}, "auto"), "method: vLLM serves the static per-head methods"),
+        (MethodConfig("s", ["streamingllm"], {"density": 2.0}), "streamingllm: parameter 'density' must be"),
+    ):
+        with pytest.raises(ParameterError, match=re.escape(message)):
+            engine.check(config)
+    got = engine.check(MethodConfig("m", ["moa"], {}, "auto"))
+    assert got == {"method": "moa", "plan": "auto", "params": {}}

@@ -69,6 +69,10 @@ def gather(kv_cache, block_row: torch.Tensor, positions: list[torch.Tensor]):
 
 
 class LlmpatchCPUAttentionImpl(CPUAttentionBackendImpl):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        state.served()  # resolved while vLLM builds the model (its config is current): errors at start-up
+
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):  # fmt: skip
         decision = None if attn_metadata is None else state.decision_for(layer, self.num_heads)

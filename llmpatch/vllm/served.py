@@ -1,8 +1,9 @@
 """What a vLLM process serves: the llmpatch decisions for the model vLLM loaded, read once per process.
 
-The plugin is configured by one environment variable, `LLMPATCH_VLLM`, holding JSON (or a path to a JSON file):
-`{"method": "moa", "plan": "auto" | "<path>", "params": {...}}` (`llmpatch serve` and `run --engine vllm` set
-it). Every vLLM process (engine core, workers) inherits it and resolves the same decisions with
+The plugin is configured by the environment variable `LLMPATCH_VLLM`, holding JSON (or a path to a JSON file):
+`{"method": "moa", "plan": "auto" | "<path>", "params": {...}}` (`llmpatch serve` sets it), or by the same object
+as the "llmpatch" entry of vLLM's `additional_config` (`--additional-config '{"llmpatch": {...}}'`,
+`LLM(..., additional_config=...)`). Every vLLM process (engine core, workers) sees both and resolves the same decisions with
 `llmpatch.patch.decide` on a meta-device copy of the model's transformers class, so plans, `plan="auto"`,
 parameter checks and errors are apply()'s own.
 
@@ -25,6 +26,7 @@ from ..decisions import LayerDecision
 from ..errors import ParameterError
 
 ENV = "LLMPATCH_VLLM"
+KEY = "llmpatch"  # the entry of vLLM's additional_config
 SERVED = ("sink_window", "streamingllm", "moa", "retrieval_mask", "retrieval_kv")
 ELASTIC = ("streamingllm", "moa")
 
@@ -48,16 +50,28 @@ class Served:
             return d
         from ..sharding import Shard
 
-        cut = copy.deepcopy(d)
-        cut.localize(Shard(rank, size))
+        # first asked inside vLLM's forward: the cut's tensors must keep version counters
+        with torch.inference_mode(False):
+            cut = copy.deepcopy(d)
+            cut.localize(Shard(rank, size))
         return cut
 
 
-def read_config(raw: str | None = None) -> dict | None:
-    """The plugin's configuration from `LLMPATCH_VLLM` (None when unset: the plugin stays out of the way)."""
+def read_config(raw: str | None = None, additional: dict | None = None) -> dict | None:
+    """The plugin's configuration: `LLMPATCH_VLLM` (JSON or a file) or the "llmpatch" entry of vLLM's
+    `additional_config` (None when neither is set: the plugin stays out of the way). Both set must agree."""
     raw = os.environ.get(ENV) if raw is None else raw
-    if not raw:
-        return None
+    from_env = _check(_parse(raw), ENV) if raw else None
+    entry = (additional or {}).get(KEY) if isinstance(additional, dict) else None
+    from_vllm = None if entry is None else _check(entry, f"additional_config[{KEY!r}]")
+    if from_env is not None and from_vllm is not None and from_env != from_vllm:
+        raise ParameterError(
+            f"{ENV} and additional_config[{KEY!r}] are both set and differ; give the plugin one configuration"
+        )
+    return from_env if from_env is not None else from_vllm
+
+
+def _parse(raw: str):
     text = raw
     if not raw.lstrip().startswith("{"):
         try:
@@ -67,23 +81,26 @@ def read_config(raw: str | None = None) -> dict | None:
                 f"{ENV}: neither JSON nor a readable file: {raw!r} ({exc.strerror})"
             ) from None
     try:
-        cfg = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ParameterError(f"{ENV}: not valid JSON ({exc.msg} at char {exc.pos})") from None
+
+
+def _check(cfg, source: str) -> dict:
     if not isinstance(cfg, dict) or not isinstance(cfg.get("method"), str):
         raise ParameterError(
-            f'{ENV}: must be a JSON object {{"method": ..., "plan": ..., "params": {{...}}}}'
+            f'{source}: must be a JSON object {{"method": ..., "plan": ..., "params": {{...}}}}'
         )
     unknown = sorted(set(cfg) - {"method", "plan", "params"})
     if unknown:
-        raise ParameterError(f"{ENV}: unknown key {unknown[0]!r}; allowed: method, plan, params")
+        raise ParameterError(f"{source}: unknown key {unknown[0]!r}; allowed: method, plan, params")
     if cfg["method"] not in SERVED:
         raise ParameterError(
             f"method: vLLM serves the static per-head methods {', '.join(SERVED)}; got {cfg['method']!r}"
         )
     params = cfg.get("params") or {}
     if not isinstance(params, dict):
-        raise ParameterError(f"{ENV}: 'params' must be a JSON object, got {params!r}")
+        raise ParameterError(f"{source}: 'params' must be a JSON object, got {params!r}")
     if cfg["method"] == "retrieval_kv" and params.get("keep"):
         raise ParameterError("retrieval_kv: parameter 'keep' must be 0 under vLLM (query-aware pins are not "
                              "served; the plugin serves the static spans)")  # fmt: skip

@@ -10,16 +10,17 @@ _LAYERS: dict[str, object] = {}  # layer name -> local LayerDecision or None (de
 
 
 def served(vllm_config=None):
-    """The decisions this process serves (resolved once), or None when `LLMPATCH_VLLM` is unset."""
+    """The decisions this process serves (resolved once, while vLLM builds the model: its config is current), or
+    None when neither `LLMPATCH_VLLM` nor additional_config["llmpatch"] is set."""
     if "value" not in _SERVED:
-        cfg = _served.read_config()
+        if vllm_config is None:
+            from vllm.config import get_current_vllm_config
+
+            vllm_config = get_current_vllm_config()
+        cfg = _served.read_config(additional=vllm_config.additional_config)
         if cfg is None:
             _SERVED["value"] = None
         else:
-            if vllm_config is None:
-                from vllm.config import get_current_vllm_config
-
-                vllm_config = get_current_vllm_config()
             mc = vllm_config.model_config
             if vllm_config.cache_config.enable_prefix_caching:
                 raise ParameterError(

@@ -1,6 +1,7 @@
 """Run one vLLM engine (with the llmpatch plugin when a method is given) over the test prompts; print JSON.
 
 python tests/vllm_plugin/drive.py '{"method": "moa", "plan": "auto", "params": {}}' [--tp 2] [--model smollm2-135m]
+    [--additional-config]
 A config of "dense" runs vLLM without the plugin. Prompts: see `prompts()`; one engine serves the single prompts
 one at a time, then the batch of concurrent requests.
 """
@@ -9,12 +10,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 
 def prompts(tokenizer) -> dict[str, list[str]]:
     """Chat prompts over prose that ships with Python: about 1k and 3k tokens, and a batch of four lengths."""
+    of = chat_prompt(tokenizer)
+    return {
+        "single": [of(1024, 0), of(3000, 5000)],
+        "batch": [of(n, 20000 + n) for n in (600, 1100, 2000, 2900)],
+    }
+
+
+def chat_prompt(tokenizer):
+    """of(n_tokens, start): the chat prompt over the pydoc topics' words from `start` that fits in n_tokens."""
     import pydoc_data.topics as topics
 
     text = " ".join(v for _, v in sorted(topics.topics.items()))
@@ -22,6 +31,8 @@ def prompts(tokenizer) -> dict[str, list[str]]:
 
     def chat(n_words: int, start: int) -> str:
         text = " ".join(words[start : start + n_words]) + "\n\nIn one sentence, what is the text above about?"
+        if tokenizer.chat_template is None:  # gemma3-270m's GGUF ships none: plain text
+            return text + "\n"
         return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)  # fmt: skip
 
@@ -33,10 +44,33 @@ def prompts(tokenizer) -> dict[str, list[str]]:
             lo, hi = (mid, hi) if fits else (lo, mid - 1)
         return chat(lo, start)
 
-    return {
-        "single": [of(1024, 0), of(3000, 5000)],
-        "batch": [of(n, 20000 + n) for n in (600, 1100, 2000, 2900)],
-    }
+    return of
+
+
+def throughput(llm, tok, spec: str, new_tokens: int) -> dict:
+    """N concurrent prompts of about L tokens (spec "NxL"): the wall time of their prefill (one new token) and of
+    `new_tokens` more decode steps (EOS ignored), after one warm-up request."""
+    from vllm import SamplingParams
+
+    n, length = (int(x) for x in spec.split("x"))
+    of = chat_prompt(tok)
+    reqs = [
+        {"prompt_token_ids": tok(of(length, i * 4000), add_special_tokens=False).input_ids} for i in range(n)
+    ]
+    llm.generate([{"prompt_token_ids": reqs[0]["prompt_token_ids"][:256]}], SamplingParams(max_tokens=2),
+                 use_tqdm=False)  # fmt: skip
+    t0 = time.perf_counter()
+    llm.generate(reqs, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    llm.generate(
+        reqs, SamplingParams(temperature=0, max_tokens=1 + new_tokens, ignore_eos=True), use_tqdm=False
+    )
+    whole = time.perf_counter() - t0
+    tokens = sum(len(r["prompt_token_ids"]) for r in reqs)
+    return {"requests": n, "prompt_tokens": tokens, "prefill_s": round(prefill, 2),
+            "prefill_tok_s": round(tokens / prefill, 1), "decode_steps": new_tokens,
+            "decode_step_ms": round(1000 * (whole - prefill) / new_tokens, 1)}  # fmt: skip
 
 
 def main() -> None:
@@ -53,28 +87,40 @@ def main() -> None:
     ap.add_argument(
         "--max-num-batched-tokens", type=int, default=None, help="vLLM's step budget (chunked prefill)"
     )
+    ap.add_argument("--additional-config", action="store_true",
+                    help="configure the plugin through vLLM's additional_config instead of LLMPATCH_VLLM")  # fmt: skip
+    ap.add_argument("--block-size", type=int, default=None, help="KV block size (vLLM's default: 128 on CPU)")
     ap.add_argument("--capacity-only", action="store_true", help="start the engine, report its KV capacity")
+    ap.add_argument("--throughput", default=None, help="NxL: time N concurrent prompts of about L tokens")
     args = ap.parse_args()
-    if args.config != "dense":
-        os.environ["LLMPATCH_VLLM"] = args.config
     from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     from llmpatch.models import alias_dir
+    from llmpatch.vllm.engine import capacity as kv_capacity
+    from llmpatch.vllm.engine import make_llm
 
     path = str(alias_dir(args.model) / "hf")
     tok = AutoTokenizer.from_pretrained(path)
     t0 = time.time()
-    llm = LLM(model=path, dtype="float32", enable_prefix_caching=args.prefix_caching, seed=0,
-              max_model_len=args.max_model_len, tensor_parallel_size=args.tp, gpu_memory_utilization=0.25,
-              kv_cache_memory_bytes=int(args.kv_gib * (1 << 30)), max_num_batched_tokens=args.max_num_batched_tokens,
-              distributed_executor_backend="mp" if args.tp > 1 else None)  # fmt: skip
-    started = time.time() - t0
-    cc = llm.llm_engine.vllm_config.cache_config
-    capacity = {"kv_tokens": cc.kv_cache_size_tokens, "max_concurrency": cc.kv_cache_max_concurrency,
-                "start_s": round(started, 1), "max_model_len": args.max_model_len}  # fmt: skip
+    llm = make_llm(path, None if args.config == "dense" else json.loads(args.config), max_model_len=args.max_model_len,
+                   tensor_parallel_size=args.tp, kv_gib=args.kv_gib, max_num_batched_tokens=args.max_num_batched_tokens,
+                   prefix_caching=args.prefix_caching, via_env=not args.additional_config,
+                   block_size=args.block_size)  # fmt: skip
+    capacity = {
+        **kv_capacity(llm),
+        "start_s": round(time.time() - t0, 1),
+        "max_model_len": args.max_model_len,
+        "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
+    }
     if args.capacity_only:
         print("RESULT " + json.dumps(capacity), flush=True)
+        return
+    if args.throughput:
+        print(
+            "RESULT " + json.dumps({**capacity, **throughput(llm, tok, args.throughput, args.new_tokens)}),
+            flush=True,
+        )
         return
     sp = SamplingParams(temperature=0, max_tokens=args.new_tokens)  # both stop at EOS, as HF generate does
     ps = {

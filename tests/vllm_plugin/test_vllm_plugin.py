@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,10 +32,10 @@ CONFIGS = {
 }
 
 
-def drive(config, *args, check=True) -> dict | subprocess.CompletedProcess:
+def drive(config, *args, check=True, env=None) -> dict | subprocess.CompletedProcess:
     cfg = config if config == "dense" else json.dumps(config)
-    proc = subprocess.run([sys.executable, str(DRIVE), cfg, *args], capture_output=True, text=True,
-                          timeout=1800, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})  # fmt: skip
+    proc = subprocess.run([sys.executable, str(DRIVE), cfg, *args], capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})  # fmt: skip
     if not check:
         return proc
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -43,12 +44,14 @@ def drive(config, *args, check=True) -> dict | subprocess.CompletedProcess:
 
 
 @functools.cache
-def hf_model():
-    return llmpatch.load_model("smollm2-135m", dtype="float32")
+def hf_model(name: str = "smollm2-135m"):
+    return llmpatch.load_model(name, dtype="float32")
 
 
-def hf_tokens(config: dict, prompt: list[int], new_tokens: int = 24) -> list[int]:
-    model, _ = hf_model()
+def hf_tokens(
+    config: dict, prompt: list[int], new_tokens: int = 24, model_name: str = "smollm2-135m"
+) -> list[int]:
+    model, _ = hf_model(model_name)
     params = dict(config["params"])
     if config["method"] in ("streamingllm", "moa"):
         params["length"] = MAX_LEN  # vLLM evaluates elastic spans at max_model_len
@@ -74,6 +77,19 @@ def test_same_tokens_as_hf(name):
         assert tokens == hf_tokens(config, prompt), (name, len(prompt))
     if name in ("sink_window", "streamingllm"):  # every layer bounded: the capacity grows (same KV memory)
         assert got["kv_tokens"] > dense_run()["kv_tokens"]
+
+
+def test_gemma3_at_tensor_parallel_2_configured_by_additional_config():
+    """Each rank cuts the plan to its 2 of Gemma-3's 4 query heads (the one KV head is replicated); the plugin
+    reads its configuration from vLLM's additional_config (LLMPATCH_VLLM unset)."""
+    config = {"method": "moa", "plan": "auto", "params": {}}
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "LLMPATCH_VLLM": ""}
+    got = drive(config, "--model", "gemma3-270m", "--tp", "2", "--additional-config", *ENGINE, env=env)
+    prompts = got["prompts"]
+    for prompt, tokens in zip(
+        prompts["single"] + prompts["batch"], got["single"] + got["batch"], strict=True
+    ):
+        assert tokens == hf_tokens(config, prompt, model_name="gemma3-270m"), len(prompt)
 
 
 def test_dense_vllm_matches_hf_dense():
@@ -102,7 +118,6 @@ def test_refusals_at_start_up():
 
 
 def test_serve_answers_an_openai_completion():
-    import shutil
     import socket
     import time
     import urllib.request
@@ -139,3 +154,25 @@ def test_serve_answers_an_openai_completion():
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def test_run_engine_vllm_gives_the_hf_paths_outputs(tmp_path):
+    """`llmpatch run --engine vllm`: the same prompts and scores as the HF path, dense and patched (a static
+    pattern, so both engines see the same spans), with vLLM's version and capacity in the results."""
+    exe = shutil.which("llmpatch") or str(Path(sys.executable).with_name("llmpatch"))
+    args = ["run", "passkey", "--model", "smollm2-135m", "--lengths", "1024", "--samples", "3", "--method",
+            "sink_window", "--set", "sink=16", "--set", "window=256", "--no-logprob"]  # fmt: skip
+    runs = {}
+    for engine in ("hf", "vllm"):
+        out = tmp_path / engine
+        proc = subprocess.run([exe, *args, "--engine", engine, "--out", str(out)], capture_output=True, text=True,
+                              timeout=1800)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[engine] = json.loads((out / "results.json").read_text())
+    for hf, vl in zip(
+        runs["hf"]["results"][0]["configs"], runs["vllm"]["results"][0]["configs"], strict=True
+    ):
+        assert [s["output"] for s in vl["samples"]] == [s["output"] for s in hf["samples"]], hf["label"]
+        assert [s["score"] for s in vl["samples"]] == [s["score"] for s in hf["samples"]]
+        assert vl["engine"]["kv_tokens"] > 0
+    assert runs["vllm"]["metadata"]["vllm"].startswith("0.32.0")
