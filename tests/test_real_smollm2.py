@@ -112,6 +112,27 @@ def test_kvzip_keeps_the_passkey_with_a_third_of_the_cache(smollm2, passkey):
     assert caches.kv_report(caches.output_cache(out))["saved"] > 0.6
 
 
+def test_kvzip_heads_keeps_the_shipped_plans_heads_whole(smollm2, passkey):
+    """kvzip_heads with the shipped retrieval plan (plan="auto"): the answer survives at 70%, the KV heads of the
+    top query heads hold the whole prompt, and the saving is kvzip's."""
+    from llmpatch import caches
+
+    model, tok = smollm2
+    sample, enc = passkey
+    n = enc.input_ids.shape[1]
+    with llmpatch.patched(model, "kvzip_heads", "auto", ratio=0.7, top_k=6, score="copy") as patch:
+        whole = patch.methods[0]._whole
+        out = model.generate(**enc, max_new_tokens=12, do_sample=False, return_dict_in_generate=True,
+                             pad_token_id=tok.pad_token_id)  # fmt: skip
+        text = tok.decode(out.sequences[0, n:], skip_special_tokens=True)
+    assert PASSKEY.score(sample, text) == 1.0, text
+    cache = caches.output_cache(out)
+    held = [[s + k for s, k in zip(layer.sink, layer.pins, strict=True)] for layer in cache.layers]
+    assert 0 < int(whole.sum()) <= 6
+    assert all(held[li][h] == n for li, h in whole.nonzero().tolist())
+    assert caches.kv_report(cache)["saved"] > 0.6
+
+
 def test_remove_restores_real_model_bit_for_bit(smollm2, passkey):
     model, _ = smollm2
     _, enc = passkey

@@ -5,7 +5,8 @@ A layer whose decision is dense runs vLLM's own kernel. Otherwise each request i
 - a fresh prompt (all its tokens in this step) attends over the step's own keys and values, with the layer's
   dense `tail`;
 - later steps (decode, or the rest of a chunked prompt) read from the paged cache only the tokens some head of
-  each KV head can still see (its sink and its window), at their positions, never the whole cache.
+  each KV head can still see (its sink and its window), at their positions, never the whole cache; the step's
+  decode requests go in one batched gather and one kernel call.
 A step of more than one query is a prompt (a head mask applies on decode steps only): a prompt's last chunk of
 one token counts as a decode step.
 Cache layout read here (vLLM 0.32 CPU "vec" / "vec16" ISAs): `[blocks, kv_heads, block_size, 2 * D]`, each
@@ -35,37 +36,51 @@ def kv_views(kv_cache: torch.Tensor):
 def kept_positions(decision, hkv: int, length: int, first_query: int) -> list[torch.Tensor]:
     """Per KV head: the positions < `length` that one of its query heads can see from a query at or after
     `first_query` (its sink, its window; every position for a dense head)."""
-    g = decision.num_heads // hkv
+    lo_window = max(0, first_query - decision.sliding_window + 1) if decision.sliding_window else 0
     out = []
-    for kv in range(hkv):
-        sink = decision.sink[kv * g : (kv + 1) * g]
-        window = decision.window[kv * g : (kv + 1) * g]
-        lo_window = first_query - (decision.sliding_window or 0) + 1 if decision.sliding_window else 0
-        if bool((window < 0).any()):
-            out.append(torch.arange(max(0, lo_window), length))
+    for sink, window in kv_spans(decision, hkv):
+        if window is None:
+            out.append(torch.arange(lo_window, length))
             continue
-        w, s = int(window.max()), int(sink.max())
-        start = max(first_query - w + 1, lo_window, 0)
-        head = torch.arange(0, min(s, start))
-        out.append(torch.cat([head, torch.arange(start, length)]))
+        start = max(first_query - window + 1, lo_window, 0)
+        out.append(torch.cat([torch.arange(0, min(sink, start)), torch.arange(start, length)]))
     return out
 
 
-def gather(kv_cache, block_row: torch.Tensor, positions: list[torch.Tensor]):
-    """Keys, values [1, Hkv, M, D] and their positions [1, Hkv, M] (-1 = padding) for per-KV-head positions."""
+def kv_spans(decision, hkv: int) -> list[tuple[int, int | None]]:
+    """Per KV head: (the largest sink, the largest window) of its query heads; window None where one is dense.
+    Read once per decision (the spans are fixed for the engine's life)."""
+    cached = getattr(decision, "_vllm_kv_spans", None)
+    if cached is None:
+        g = decision.num_heads // hkv
+        cached = []
+        for kv in range(hkv):
+            window = decision.window[kv * g : (kv + 1) * g]
+            dense = bool((window < 0).any())
+            cached.append(
+                (int(decision.sink[kv * g : (kv + 1) * g].max()), None if dense else int(window.max()))
+            )
+        decision._vllm_kv_spans = cached
+    return cached
+
+
+def gather(kv_cache, block_rows: torch.Tensor, positions: list[list[torch.Tensor]]):
+    """For R requests (their block-table rows [R, blocks]) and per request, per KV head positions: keys, values
+    [R, Hkv, M, D] and their positions [R, Hkv, M] (-1 = padding, zeros), in one indexing each."""
     keys, values = kv_views(kv_cache)
-    bs = keys.shape[2]
-    m = max(len(p) for p in positions)
-    hkv, d = keys.shape[1], keys.shape[3]
-    k = keys.new_zeros(1, hkv, m, d)
-    v = values.new_zeros(1, hkv, m, d)
-    k_pos = torch.full((1, hkv, m), -1, dtype=torch.long)
-    for h, pos in enumerate(positions):
-        blocks = block_row[pos // bs].long()
-        k[0, h, : len(pos)] = keys[blocks, h, pos % bs]
-        v[0, h, : len(pos)] = values[blocks, h, pos % bs]
-        k_pos[0, h, : len(pos)] = pos
-    return k, v, k_pos
+    bs, hkv = keys.shape[2], keys.shape[1]
+    m = max(len(p) for rows in positions for p in rows)
+    pos = torch.full((len(positions), hkv, m), -1, dtype=torch.long)
+    for r, rows in enumerate(positions):
+        for h, p in enumerate(rows):
+            pos[r, h, : len(p)] = p
+    safe = pos.clamp(min=0)
+    blocks = torch.gather(block_rows.long(), 1, (safe // bs).flatten(1)).view_as(safe)
+    heads = torch.arange(hkv).view(1, hkv, 1).expand_as(safe)
+    pad = (pos < 0).unsqueeze(-1)
+    k = keys[blocks, heads, safe % bs].masked_fill(pad, 0)
+    v = values[blocks, heads, safe % bs].masked_fill(pad, 0)
+    return k, v, pos
 
 
 class LlmpatchCPUAttentionImpl(CPUAttentionBackendImpl):
@@ -85,30 +100,45 @@ class LlmpatchCPUAttentionImpl(CPUAttentionBackendImpl):
         starts = attn_metadata.query_start_loc.tolist()
         lengths = attn_metadata.seq_lens.tolist()
         hkv = self.num_kv_heads
+        kw = dict(
+            scale=self.scale, softcap=self.logits_soft_cap or None, sliding_window=decision.sliding_window
+        )
+        decode = []  # requests with one new token after earlier ones: one batched call below
         for r, length in enumerate(lengths):
             q0, q1 = starts[r], starts[r + 1]
             if q1 == q0:
                 continue
-            q = query[q0:q1].transpose(0, 1).unsqueeze(0)
             first = length - (q1 - q0)
-            kw = dict(
-                scale=self.scale, softcap=self.logits_soft_cap or None, sliding_window=decision.sliding_window
-            )
-            # a prompt, or a later chunk of one (decode steps are 1 token)
-            prefill = first == 0 or q1 - q0 > 1
-            if first == 0:
+            if first > 0 and q1 - q0 == 1:
+                decode.append(r)
+                continue
+            q = query[q0:q1].transpose(0, 1).unsqueeze(0)
+            if first == 0:  # a fresh prompt, over its own keys
                 k = key[q0:q1].transpose(0, 1).unsqueeze(0)
                 v = value[q0:q1].transpose(0, 1).unsqueeze(0)
-                kw.update(pattern_args(decision, length, False, prefill))
-                tail = min(decision.tail, q1 - q0) if "sink" in kw else 0
-                out = dense_tail(q, k, v, tail, None, kw) if tail else dispatch.attention(q, k, v, **kw)[0]
-            else:
-                positions = kept_positions(decision, hkv, length, first)
-                k, v, k_pos = gather(kv_cache, attn_metadata.block_table[r], positions)
-                kw.update(q_pos=torch.arange(first, length).unsqueeze(0), k_pos=k_pos)
-                kw.update(pattern_args(decision, k.shape[2], True, prefill))
-                out = dispatch.attention(q, k, v, **kw)[0]
+                args = {**kw, **pattern_args(decision, length, False, True)}
+                tail = min(decision.tail, q1 - q0) if "sink" in args else 0
+                out = (
+                    dense_tail(q, k, v, tail, None, args) if tail else dispatch.attention(q, k, v, **args)[0]
+                )
+            else:  # a later chunk of a prompt, over what its heads can still see in the cache
+                positions = [kept_positions(decision, hkv, length, first)]
+                k, v, k_pos = gather(kv_cache, attn_metadata.block_table[r : r + 1], positions)
+                args = {**kw, **pattern_args(decision, k.shape[2], True, True)}
+                out = dispatch.attention(
+                    q, k, v, q_pos=torch.arange(first, length)[None], k_pos=k_pos, **args
+                )[0]
             output[q0:q1] = out[0].transpose(0, 1).reshape(output[q0:q1].shape)
+        if decode:
+            rows = torch.tensor(decode)
+            ends = torch.tensor([lengths[r] for r in decode])
+            positions = [kept_positions(decision, hkv, lengths[r], lengths[r] - 1) for r in decode]
+            k, v, k_pos = gather(kv_cache, attn_metadata.block_table[rows], positions)
+            at = torch.tensor([starts[r] for r in decode])
+            q = query[at].unsqueeze(2)  # [R, H, 1, D]
+            args = {**kw, **pattern_args(decision, k.shape[2], True, False)}
+            out = dispatch.attention(q, k, v, q_pos=(ends - 1)[:, None], k_pos=k_pos, **args)[0]
+            output[at] = out[:, :, 0].reshape(len(decode), *output.shape[1:])
         return output
 
 
