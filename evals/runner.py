@@ -184,12 +184,15 @@ def engine_outputs(engine, config, prompts: dict, tokenizer, max_new_tokens: int
     keys = list(prompts)
     ids = [tokenizer(prompts[k].prompt, add_special_tokens=False).input_ids for k in keys]
     tokens = engine.generate(config, ids, max_new_tokens)
+    unmeasured = dict.fromkeys(("ttft_s", "prefill_s", "decode_tokens_per_s", "peak_memory_mb", "kv_bytes",
+                                "dense_kv_bytes", "attention_computed"))  # HF-path measurements  # fmt: skip
     return {
         k: {
             "text": tokenizer.decode(t, skip_special_tokens=True),
             "new_tokens": len(t),
             "prompt_tokens": len(p),
-        }
+            **unmeasured,
+        }  # fmt: skip
         for k, p, t in zip(keys, ids, tokens, strict=True)
     }
 

@@ -151,3 +151,37 @@ def test_run_engine_refusals_before_any_engine_starts(smollm2):
             engine.check(config)
     got = engine.check(MethodConfig("m", ["moa"], {}, "auto"))
     assert got == {"method": "moa", "plan": "auto", "params": {}}
+
+
+def test_runner_engine_contract(smollm2, tmp_path):
+    """run_suite(engine=...) as `run --engine vllm` drives it, with a stand-in engine answering EOS (plumbing
+    only: the real vLLM engine is tested in tests/vllm_plugin): every prompt generated once per configuration,
+    the HF path's measurements left empty, the engine's figures beside each configuration, a report written."""
+    from llmpatch.evals.runner import MethodConfig, run_suite, write_report
+    from transformers import AutoConfig, AutoTokenizer
+
+    from llmpatch.models import alias_dir
+
+    path = alias_dir("smollm2-135m") / "hf"
+    tok = AutoTokenizer.from_pretrained(path)
+
+    class Engine:
+        name, info, calls = "vllm", {}, []
+
+        def check(self, config):
+            return None
+
+        def generate(self, config, ids, max_new_tokens):
+            self.calls.append((config.label, len(ids)))
+            self.info[config.label] = {"kv_tokens": 1}
+            return [[tok.eos_token_id] for _ in ids]
+
+    engine = Engine()
+    res = run_suite(AutoConfig.from_pretrained(path), tok, "passkey", lengths=[256], samples=2, engine=engine,
+                    configs=[MethodConfig("sw", ["sink_window"], {}, None)], logprob=False)  # fmt: skip
+    assert engine.calls == [("dense", 2), ("sw", 2)]
+    for config in res["configs"]:
+        assert config["engine"] == {"name": "vllm", "kv_tokens": 1}
+        assert all(s["output"] == "" and s["ttft_s"] is None for s in config["samples"])
+    assert [c["density"] for c in res["configs"][1]["cells"]] == [None]
+    assert "results.json" in write_report([res], tmp_path, model="smollm2-135m")["files"]
