@@ -97,7 +97,8 @@ def test_kv_spans_and_tensor_parallel_cut(smollm2):
     assert (
         cut.num_heads == 3 and torch.equal(cut.window, d.window[3:6]) and torch.equal(cut.sink, d.sink[3:6])
     )
-    assert cut.narrowest_window() == d.narrowest_window()  # the cut keeps version counters
+    seen = d.window[3:6][d.window[3:6] >= 0]
+    assert cut.narrowest_window() == (int(seen.min()) if seen.numel() else None)  # keeps version counters
     assert kv.local(full[0], 0, 1) is d
 
 
