@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import llmpatch
 from llmpatch.errors import ParameterError
-from llmpatch.measure import answer_logprob, generate_timed
+from llmpatch.measure import GenerationResult, answer_logprob, generate_timed
 from llmpatch.meta import run_metadata
 from llmpatch.sharding import is_main_process
 
@@ -184,8 +184,12 @@ def engine_outputs(engine, config, prompts: dict, tokenizer, max_new_tokens: int
     keys = list(prompts)
     ids = [tokenizer(prompts[k].prompt, add_special_tokens=False).input_ids for k in keys]
     tokens = engine.generate(config, ids, max_new_tokens)
-    unmeasured = dict.fromkeys(("ttft_s", "prefill_s", "decode_tokens_per_s", "peak_memory_mb", "kv_bytes",
-                                "dense_kv_bytes", "attention_computed"))  # HF-path measurements  # fmt: skip
+    counted = {
+        "text",
+        "new_tokens",
+        "prompt_tokens",
+    }  # what an engine gives; the rest is measured on the HF path
+    unmeasured = {f.name: None for f in fields(GenerationResult) if f.name not in counted}
     return {
         k: {
             "text": tokenizer.decode(t, skip_special_tokens=True),

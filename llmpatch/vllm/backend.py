@@ -21,6 +21,7 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentio
 from ..attention import dense_tail, pattern_args
 from ..kernels import dispatch
 from . import state
+from .served import group_spans
 
 LAYOUT_ISAS = ("vec", "vec16")
 
@@ -48,19 +49,10 @@ def kept_positions(decision, hkv: int, length: int, first_query: int) -> list[to
 
 
 def kv_spans(decision, hkv: int) -> list[tuple[int, int | None]]:
-    """Per KV head: (the largest sink, the largest window) of its query heads; window None where one is dense.
-    Read once per decision (the spans are fixed for the engine's life)."""
+    """Per KV head: `served.group_spans`, read once per decision (the spans are fixed for the engine's life)."""
     cached = getattr(decision, "_vllm_kv_spans", None)
     if cached is None:
-        g = decision.num_heads // hkv
-        cached = []
-        for kv in range(hkv):
-            window = decision.window[kv * g : (kv + 1) * g]
-            dense = bool((window < 0).any())
-            cached.append(
-                (int(decision.sink[kv * g : (kv + 1) * g].max()), None if dense else int(window.max()))
-            )
-        decision._vllm_kv_spans = cached
+        cached = decision._vllm_kv_spans = group_spans(decision, hkv)
     return cached
 
 

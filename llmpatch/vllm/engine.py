@@ -57,9 +57,12 @@ class VLLMEngine:
             "kv_gib": kv_gib,
         }
         self.info: dict[str, dict] = {}  # label -> the engine's capacity
+        self._checked: dict[str, dict | None] = {}  # label -> its plugin configuration, checked once
 
     def check(self, config) -> dict | None:
         """The plugin configuration of a runner MethodConfig, with every check the engine will make."""
+        if config.label in self._checked:
+            return self._checked[config.label]
         if config.methods is None:
             return None
         if len(config.methods) != 1:
@@ -73,15 +76,18 @@ class VLLMEngine:
         raw = json.dumps({"method": config.methods[0], "plan": config.plan, "params": config.params})
         cfg = read_config(raw)
         resolve(cfg, AutoConfig.from_pretrained(self.path), self.max_model_len)
+        self._checked[config.label] = cfg
         return cfg
 
     def generate(self, config, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        from .served import ENV
+
         cfg = self.check(config)
         with tempfile.TemporaryDirectory() as tmp:
             job, out = Path(tmp) / "job.json", Path(tmp) / "out.json"
             job.write_text(json.dumps({"path": self.path, "cfg": cfg, "opts": self.opts, "prompts": prompts,
                                        "max_new_tokens": max_new_tokens}))  # fmt: skip
-            env = {k: v for k, v in os.environ.items() if k != "LLMPATCH_VLLM"}
+            env = {k: v for k, v in os.environ.items() if k != ENV}  # the job's cfg alone configures it
             proc = subprocess.run([sys.executable, "-m", "llmpatch.vllm.engine", str(job), str(out)],
                                   capture_output=True, text=True, env=env)  # fmt: skip
             if proc.returncode != 0 or not out.exists():

@@ -38,10 +38,8 @@ class Served:
     def kv_span(self, layer: int) -> tuple[int, int] | None:
         """(sink, window) of the tokens any head of `layer` can still see (the largest of each), or None when
         some head sees every token (the layer keeps its whole cache)."""
-        d = self.layers[layer]
-        if bool((d.window < 0).any()):
-            return None
-        return int(d.sink.max()), int(d.window.max())
+        sink, window = group_spans(self.layers[layer], 1)[0]  # a page holds every KV head of the layer
+        return None if window is None else (sink, window)
 
     def local(self, layer: int, rank: int, size: int) -> LayerDecision:
         """Layer `layer`'s decision cut to tensor-parallel rank `rank` of `size` (its query heads)."""
@@ -55,6 +53,19 @@ class Served:
             cut = copy.deepcopy(d)
             cut.localize(Shard(rank, size))
         return cut
+
+
+def group_spans(d: LayerDecision, groups: int) -> list[tuple[int, int | None]]:
+    """Per group of consecutive query heads (a KV head's, or the whole layer's with groups=1): the largest sink
+    and the largest window of its heads; window None where one head is dense (sees every token)."""
+    g = d.num_heads // groups
+    out = []
+    for i in range(groups):
+        window = d.window[i * g : (i + 1) * g]
+        out.append(
+            (int(d.sink[i * g : (i + 1) * g].max()), None if bool((window < 0).any()) else int(window.max()))
+        )
+    return out
 
 
 def read_config(raw: str | None = None, additional: dict | None = None) -> dict | None:
