@@ -81,6 +81,16 @@ def test_served_decisions_are_applys(smollm2, method, plan, params):
                 assert torch.equal(got.head_mask.modes, want.head_mask.modes)
 
 
+def test_a_dense_tail_is_refused(smollm2):
+    model, _ = smollm2
+    with pytest.raises(ParameterError, match="tail: must be 0 under vLLM"):
+        resolve(
+            {"method": "streamingllm", "plan": None, "params": {"density": 0.25, "tail": 64}},
+            model.config,
+            4096,
+        )
+
+
 def test_kv_spans_and_tensor_parallel_cut(smollm2):
     model, _ = smollm2
     served = resolve(

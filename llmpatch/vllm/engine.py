@@ -20,10 +20,12 @@ from ..errors import LlmpatchError, ParameterError
 
 def make_llm(path: str, cfg: dict | None, *, max_model_len: int, tensor_parallel_size: int = 1,
              kv_gib: float = 1.0, dtype: str = "float32", max_num_batched_tokens: int | None = None,
-             prefix_caching: bool = False, via_env: bool = True, block_size: int | None = None):  # fmt: skip
+             prefix_caching: bool = False, via_env: bool = True, block_size: int | None = None,
+             stats: bool = False):  # fmt: skip
     """A vLLM engine for `path` serving `cfg` ({"method", "plan", "params"}; None: vLLM alone), with a fixed KV
     memory so capacities compare. The plugin reads `cfg` from LLMPATCH_VLLM (`via_env`) or additional_config.
-    `block_size` None: vLLM's (128 on CPU; multiples of 32 read the "vec" layout)."""
+    `block_size` None: vLLM's (128 on CPU; multiples of 32 read the "vec" layout). `stats`: vLLM's per-request
+    timestamps in each output's `metrics`."""
     from vllm import LLM
 
     from .served import ENV, KEY
@@ -36,7 +38,8 @@ def make_llm(path: str, cfg: dict | None, *, max_model_len: int, tensor_parallel
     return LLM(model=path, dtype=dtype, enable_prefix_caching=prefix_caching, seed=0, max_model_len=max_model_len,
                tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=0.25,
                kv_cache_memory_bytes=int(kv_gib * (1 << 30)), max_num_batched_tokens=max_num_batched_tokens,
-               distributed_executor_backend="mp" if tensor_parallel_size > 1 else None, **extra)  # fmt: skip
+               distributed_executor_backend="mp" if tensor_parallel_size > 1 else None,
+               disable_log_stats=not stats, **extra)  # fmt: skip
 
 
 def capacity(llm) -> dict:

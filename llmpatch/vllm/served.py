@@ -142,4 +142,7 @@ def resolve(cfg: dict, hf_config, max_model_len: int, model_name: str | None = N
     if any(d.pins for d in layers):  # a plan's `keep` (the configuration's is refused in read_config)
         raise ParameterError("retrieval_kv: parameter 'keep' must be 0 under vLLM (query-aware pins are not "
                              "served; the plugin serves the static spans)")  # fmt: skip
+    if any(d.tail for d in layers):
+        raise ParameterError("tail: must be 0 under vLLM (a prompt prefilled over several steps no longer holds "
+                             "the middle keys its dense tail would read)")  # fmt: skip
     return Served(layers)

@@ -48,8 +48,10 @@ def chat_prompt(tokenizer):
 
 
 def throughput(llm, tok, spec: str, new_tokens: int) -> dict:
-    """N concurrent prompts of about L tokens (spec "NxL"): the wall time of their prefill (one new token) and of
-    `new_tokens` more decode steps (EOS ignored), after one untimed pass of the same requests."""
+    """N concurrent prompts of about L tokens (spec "NxL"), after one untimed pass of the same requests: the wall
+    time of their prefill (one new token each), then a pass with `new_tokens` more (EOS ignored), whose time per
+    output token after the first is vLLM's own per-request figure (TPOT: first to last token timestamps), mean
+    over the requests; steps shared with other requests' prompt chunks count in it, on every plan alike."""
     from vllm import SamplingParams
 
     n, length = (int(x) for x in spec.split("x"))
@@ -63,14 +65,16 @@ def throughput(llm, tok, spec: str, new_tokens: int) -> dict:
     llm.generate(reqs, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
     prefill = time.perf_counter() - t0
     t0 = time.perf_counter()
-    llm.generate(
+    outs = llm.generate(
         reqs, SamplingParams(temperature=0, max_tokens=1 + new_tokens, ignore_eos=True), use_tqdm=False
     )
     whole = time.perf_counter() - t0
+    tpot = [(m.last_token_ts - m.first_token_ts) / (m.num_generation_tokens - 1)
+            for o in outs if (m := o.metrics) is not None and m.num_generation_tokens > 1]  # fmt: skip
     tokens = sum(len(r["prompt_token_ids"]) for r in reqs)
     return {"requests": n, "prompt_tokens": tokens, "prefill_s": round(prefill, 2),
-            "prefill_tok_s": round(tokens / prefill, 1), "decode_steps": new_tokens,
-            "decode_step_ms": round(1000 * (whole - prefill) / new_tokens, 1)}  # fmt: skip
+            "prefill_tok_s": round(tokens / prefill, 1), "decode_steps": new_tokens, "whole_s": round(whole, 2),
+            "tpot_ms": round(1000 * sum(tpot) / len(tpot), 1) if tpot else None}  # fmt: skip
 
 
 def main() -> None:
@@ -106,7 +110,7 @@ def main() -> None:
     llm = make_llm(path, None if args.config == "dense" else json.loads(args.config), max_model_len=args.max_model_len,
                    tensor_parallel_size=args.tp, kv_gib=args.kv_gib, max_num_batched_tokens=args.max_num_batched_tokens,
                    prefix_caching=args.prefix_caching, via_env=not args.additional_config,
-                   block_size=args.block_size)  # fmt: skip
+                   block_size=args.block_size, stats=bool(args.throughput))  # fmt: skip
     capacity = {
         **kv_capacity(llm),
         "start_s": round(time.time() - t0, 1),

@@ -1,0 +1,105 @@
+"""Reading vLLM's paged KV cache for llmpatch's patterns (no vLLM import: the default test suite checks it).
+
+Cache layout (vLLM 0.32 CPU "vec" / "vec16" ISAs): `[blocks, kv_heads, block_size, 2 * D]`, each block and KV
+head holding its keys as `[D, block_size]` and then its values as `[block_size, D]`.
+A head mask comes only with every key visible (retrieval_mask; vLLM refuses composed methods), so a uniform
+head's mean over the keys it may see is a mean over the keys read here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention import pattern_args
+from ..kernels import dispatch
+from .served import group_spans
+
+
+def kv_views(kv_cache: torch.Tensor):
+    """(keys [blocks, kv_heads, block_size, D], values [blocks, kv_heads, block_size, D]) as views."""
+    nb, hkv, bs, two_d = kv_cache.shape
+    d = two_d // 2
+    halves = kv_cache.view(nb, hkv, 2, bs * d)
+    return halves[:, :, 0].view(nb, hkv, d, bs).transpose(2, 3), halves[:, :, 1].view(nb, hkv, bs, d)
+
+
+def kept_positions(decision, hkv: int, length: int, first_query: int) -> list[torch.Tensor]:
+    """Per KV head: the positions < `length` that one of its query heads can see from a query at or after
+    `first_query` (its sink, its window; every position for a dense head)."""
+    lo_window = max(0, first_query - decision.sliding_window + 1) if decision.sliding_window else 0
+    out = []
+    for sink, window in kv_spans(decision, hkv):
+        if window is None:
+            out.append(torch.arange(lo_window, length))
+            continue
+        start = max(first_query - window + 1, lo_window, 0)
+        out.append(torch.cat([torch.arange(0, min(sink, start)), torch.arange(start, length)]))
+    return out
+
+
+def chunk_keys(decision, hkv: int, length: int, first: int) -> tuple[int, int] | None:
+    """A later prompt chunk's keys for the whole layer as positions [0, s) and [start, length), read as one run:
+    `start` is the earliest position some KV head still sees from `first` on, `s` the sinks before it. Inside
+    the run, query-key distances are the real ones, so the chunk's queries at the run's end see exactly their
+    pattern (a sink moves closer, but stays a sink; a narrower window cannot reach back to the sinks' slots).
+    None when the layer's own sliding window would have to cut sinks that moved closer."""
+    lo = max(0, first - decision.sliding_window + 1) if decision.sliding_window else 0
+    spans = kv_spans(decision, hkv)
+    start = min(lo if w is None else max(first - w + 1, lo) for _, w in spans)
+    s = min(max(sink for sink, _ in spans), start)  # every head's sinks (a dense head's group holds others')
+    if decision.sliding_window and 0 < s < start:
+        return None
+    return s, start
+
+
+def kv_spans(decision, hkv: int) -> list[tuple[int, int | None]]:
+    """Per KV head: `served.group_spans`, read once per decision (the spans are fixed for the engine's life)."""
+    cached = getattr(decision, "_vllm_kv_spans", None)
+    if cached is None:
+        cached = decision._vllm_kv_spans = group_spans(decision, hkv)
+    return cached
+
+
+def gather(kv_cache, block_rows: torch.Tensor, positions: list[list[torch.Tensor]]):
+    """For R requests (their block-table rows [R, blocks]) and per request, per KV head positions: keys, values
+    [R, Hkv, M, D] and their positions [R, Hkv, M] (-1 = padding, zeros), in one indexing each."""
+    keys, values = kv_views(kv_cache)
+    bs, hkv = keys.shape[2], keys.shape[1]
+    m = max(len(p) for rows in positions for p in rows)
+    pos = torch.full((len(positions), hkv, m), -1, dtype=torch.long)
+    for r, rows in enumerate(positions):
+        for h, p in enumerate(rows):
+            pos[r, h, : len(p)] = p
+    safe = pos.clamp(min=0)
+    blocks = torch.gather(block_rows.long(), 1, (safe // bs).flatten(1)).view_as(safe)
+    heads = torch.arange(hkv).view(1, hkv, 1).expand_as(safe)
+    pad = (pos < 0).unsqueeze(-1)
+    k = keys[blocks, heads, safe % bs].masked_fill(pad, 0)
+    v = values[blocks, heads, safe % bs].masked_fill(pad, 0)
+    return k, v, pos
+
+
+def prompt_chunk(decision, q, kv_cache, block_row, length: int, kw: dict) -> torch.Tensor:
+    """A later chunk of one prompt: q [1, H, C, D] at positions [length - C, length), over the cache (its block
+    table row [1, blocks]); out [1, H, C, D]. One run of keys (`chunk_keys`) on the kernels' band path, or, under
+    a sliding window with sinks before the run, every kept key at its position."""
+    hkv, first = kv_cache.shape[1], length - q.shape[2]
+    run = chunk_keys(decision, hkv, length, first)
+    if run is not None:
+        keys = torch.cat([torch.arange(run[0]), torch.arange(run[1], length)])
+        k, v, _ = gather(kv_cache, block_row, [[keys] * hkv])
+        return dispatch.attention(q, k, v, **kw, **pattern_args(decision, k.shape[2], False, True))[0]
+    k, v, k_pos = gather(kv_cache, block_row, [kept_positions(decision, hkv, length, first)])
+    args = {**kw, **pattern_args(decision, k.shape[2], True, True)}
+    return dispatch.attention(q, k, v, q_pos=torch.arange(first, length)[None], k_pos=k_pos, **args)[0]
+
+
+def decode(decision, q, kv_cache, block_rows, lengths: list[int], kw: dict) -> torch.Tensor:
+    """R decode steps in one gather and one call: q [R, H, 1, D], each the last of its `lengths[r]` tokens;
+    per KV head only the tokens one of its heads can still see, at their positions. Out [R, H, 1, D]."""
+    hkv = kv_cache.shape[1]
+    positions = [kept_positions(decision, hkv, n, n - 1) for n in lengths]
+    k, v, k_pos = gather(kv_cache, block_rows, positions)
+    args = {**kw, **pattern_args(decision, k.shape[2], True, False)}
+    q_pos = torch.tensor(lengths)[:, None] - 1
+    return dispatch.attention(q, k, v, q_pos=q_pos, k_pos=k_pos, **args)[0]

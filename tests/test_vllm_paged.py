@@ -1,0 +1,99 @@
+"""The vLLM plugin's reads of the paged cache (llmpatch/vllm/paged.py, no vLLM needed): a prompt's later chunk
+and a batch of decode steps over a cache in vLLM's CPU layout, with blocks in any order, equal the reference
+over the contiguous keys, for per-head sinks and windows, head masks, GQA and a layer's own sliding window."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import torch
+from hypothesis import given, settings
+
+from kernels import reference
+from llmpatch.decisions import HeadMask, LayerDecision
+from llmpatch.vllm import paged
+
+D = 8
+
+
+def paged_cache(k, v, block_size, seed):
+    """k, v [Hkv, L, D] written into a cache [blocks, Hkv, block_size, 2D] at a shuffled block table row."""
+    hkv, n, d = k.shape
+    blocks = -(-n // block_size)
+    table = torch.randperm(blocks + 3, generator=torch.Generator().manual_seed(seed))[:blocks]
+    cache = torch.full((blocks + 3, hkv, block_size, 2 * d), float("nan"))  # unused slots: never read
+    keys, values = paged.kv_views(cache)
+    for i in range(n):
+        keys[table[i // block_size], :, i % block_size] = k[:, i]
+        values[table[i // block_size], :, i % block_size] = v[:, i]
+    return cache, table
+
+
+@st.composite
+def layers(draw):
+    hkv = draw(st.sampled_from([1, 2, 3]))
+    h = hkv * draw(st.sampled_from([1, 2]))
+    sink = draw(st.lists(st.integers(0, 6), min_size=h, max_size=h))
+    window = draw(st.lists(st.sampled_from([-1, 1, 2, 5, 9, 17, 33]), min_size=h, max_size=h))
+    sliding = draw(st.sampled_from([None, None, 7, 20]))
+    d = LayerDecision(layer=0, num_heads=h, sliding_window=sliding)
+    if draw(st.booleans()):
+        d.set_static("sink_window", sink, window)
+    else:  # retrieval_mask: every key visible, head masks (keep / uniform / zero), on prompts too or not
+        modes = draw(st.lists(st.integers(0, 2), min_size=h, max_size=h))
+        d.head_mask = HeadMask(torch.tensor(modes, dtype=torch.int8), prefill=draw(st.booleans()))
+    return d, hkv
+
+
+def want(d, q, k, v, kw, prefill):
+    mask = {} if d.head_mask is None else d.head_mask.kernel_args(prefill)
+    return reference.attention(q, k, v, sink=d.sink, window=d.window, **mask, **kw).out
+
+
+@settings(max_examples=60, deadline=None)
+@given(layers(), st.integers(2, 70), st.data(), st.sampled_from([4, 16]), st.integers(0, 9))
+def test_prompt_chunk_equals_the_reference(layer, length, data, block_size, seed):
+    d, hkv = layer
+    first = data.draw(st.integers(1, length - 1))
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, d.num_heads, length - first, D, generator=g)
+    k, v = torch.randn(2, hkv, length, D, generator=g)
+    cache, table = paged_cache(k, v, block_size, seed)
+    kw = dict(scale=D**-0.5, softcap=None, sliding_window=d.sliding_window)
+    got = paged.prompt_chunk(d, q, cache, table[None], length, kw)
+    torch.testing.assert_close(got, want(d, q, k[None], v[None], kw, True), atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(layers(), st.lists(st.integers(1, 60), min_size=1, max_size=4), st.integers(0, 9))
+def test_batched_decode_equals_the_reference(layer, lengths, seed):
+    d, hkv = layer
+    g = torch.Generator().manual_seed(seed)
+    n = max(lengths)
+    caches = [torch.randn(2, hkv, n, D, generator=g) for _ in lengths]
+    block_size = 4
+    blocks = -(-n // block_size)
+    cache = torch.full((len(lengths) * blocks, hkv, block_size, 2 * D), float("nan"))
+    keys, values = paged.kv_views(cache)
+    order = torch.randperm(len(lengths) * blocks, generator=g).view(len(lengths), blocks)
+    for r, (kr, vr) in enumerate(caches):
+        for i in range(lengths[r]):
+            keys[order[r, i // block_size], :, i % block_size] = kr[:, i]
+            values[order[r, i // block_size], :, i % block_size] = vr[:, i]
+    q = torch.randn(len(lengths), d.num_heads, 1, D, generator=g)
+    kw = dict(scale=D**-0.5, softcap=None, sliding_window=d.sliding_window)
+    got = paged.decode(d, q, cache, order, lengths, kw)
+    for r, m in enumerate(lengths):
+        kr, vr = caches[r][0, :, :m][None], caches[r][1, :, :m][None]
+        torch.testing.assert_close(
+            got[r : r + 1], want(d, q[r : r + 1], kr, vr, kw, False), atol=1e-5, rtol=1e-5
+        )
+
+
+def test_a_later_chunk_reads_one_run_of_keys():
+    """Sinks 4 and windows up to 9 from position 40 on: the run is positions [0, 4) and [32, 48), not the cache."""
+    d = LayerDecision(layer=0, num_heads=4)
+    d.set_static("sink_window", [4, 2, 0, 4], [9, 5, 9, 2])
+    assert paged.chunk_keys(d, 2, 48, 40) == (4, 32)
+    d.sliding_window = 20  # the layer's own window would have to cut the moved sinks: positioned path
+    assert paged.chunk_keys(d, 2, 48, 40) is None
+    assert paged.chunk_keys(d, 2, 12, 5) == (0, 0)  # the windows reach back to 0: the whole prefix
