@@ -230,7 +230,12 @@ def summarize(folder: Path) -> list[dict]:
     for path in sorted(folder.glob("*.jsonl")):
         if path.name.startswith("samples."):
             continue
-        recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        by_seed = {}  # a sample written twice (two runs appending to one file) counts once
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                by_seed.setdefault(rec["seed"], rec)
+        recs = list(by_seed.values())
         if not recs:
             continue
         for r in recs:  # one scoring rule for every toolkit: peers write outputs, the score is made here
