@@ -184,11 +184,7 @@ def engine_outputs(engine, config, prompts: dict, tokenizer, max_new_tokens: int
     keys = list(prompts)
     ids = [tokenizer(prompts[k].prompt, add_special_tokens=False).input_ids for k in keys]
     tokens = engine.generate(config, ids, max_new_tokens)
-    counted = {
-        "text",
-        "new_tokens",
-        "prompt_tokens",
-    }  # what an engine gives; the rest is measured on the HF path
+    counted = {"text", "new_tokens", "prompt_tokens"}  # what an engine gives; the rest is the HF path's
     unmeasured = {f.name: None for f in fields(GenerationResult) if f.name not in counted}
     return {
         k: {

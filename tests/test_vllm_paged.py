@@ -15,16 +15,19 @@ from llmpatch.vllm import paged
 D = 8
 
 
-def paged_cache(k, v, block_size, seed):
-    """k, v [Hkv, L, D] written into a cache [blocks, Hkv, block_size, 2D] at a shuffled block table row."""
-    hkv, n, d = k.shape
-    blocks = -(-n // block_size)
-    table = torch.randperm(blocks + 3, generator=torch.Generator().manual_seed(seed))[:blocks]
-    cache = torch.full((blocks + 3, hkv, block_size, 2 * d), float("nan"))  # unused slots: never read
+def paged_cache(kvs, block_size, g):
+    """Per request its k, v [2, Hkv, L_r, D], written into one cache [blocks, Hkv, block_size, 2D] at shuffled
+    blocks (spare blocks hold NaN: never read); returns the cache and the block table [R, blocks]."""
+    hkv, d = kvs[0].shape[1], kvs[0].shape[3]
+    blocks = -(-max(x.shape[2] for x in kvs) // block_size)
+    spare = len(kvs) * blocks + 3
+    table = torch.randperm(spare, generator=g)[: len(kvs) * blocks].view(len(kvs), blocks)
+    cache = torch.full((spare, hkv, block_size, 2 * d), float("nan"))
     keys, values = paged.kv_views(cache)
-    for i in range(n):
-        keys[table[i // block_size], :, i % block_size] = k[:, i]
-        values[table[i // block_size], :, i % block_size] = v[:, i]
+    for r, (k, v) in enumerate(kvs):
+        for i in range(k.shape[1]):
+            keys[table[r, i // block_size], :, i % block_size] = k[:, i]
+            values[table[r, i // block_size], :, i % block_size] = v[:, i]
     return cache, table
 
 
@@ -56,10 +59,11 @@ def test_prompt_chunk_equals_the_reference(layer, length, data, block_size, seed
     first = data.draw(st.integers(1, length - 1))
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, d.num_heads, length - first, D, generator=g)
-    k, v = torch.randn(2, hkv, length, D, generator=g)
-    cache, table = paged_cache(k, v, block_size, seed)
+    kv = torch.randn(2, hkv, length, D, generator=g)
+    cache, table = paged_cache([kv], block_size, g)
     kw = dict(scale=D**-0.5, softcap=None, sliding_window=d.sliding_window)
-    got = paged.prompt_chunk(d, q, cache, table[None], length, kw)
+    got = paged.prompt_chunk(d, q, cache, table, length, kw)
+    k, v = kv
     torch.testing.assert_close(got, want(d, q, k[None], v[None], kw, True), atol=1e-5, rtol=1e-5)
 
 
@@ -68,32 +72,21 @@ def test_prompt_chunk_equals_the_reference(layer, length, data, block_size, seed
 def test_batched_decode_equals_the_reference(layer, lengths, seed):
     d, hkv = layer
     g = torch.Generator().manual_seed(seed)
-    n = max(lengths)
-    caches = [torch.randn(2, hkv, n, D, generator=g) for _ in lengths]
-    block_size = 4
-    blocks = -(-n // block_size)
-    cache = torch.full((len(lengths) * blocks, hkv, block_size, 2 * D), float("nan"))
-    keys, values = paged.kv_views(cache)
-    order = torch.randperm(len(lengths) * blocks, generator=g).view(len(lengths), blocks)
-    for r, (kr, vr) in enumerate(caches):
-        for i in range(lengths[r]):
-            keys[order[r, i // block_size], :, i % block_size] = kr[:, i]
-            values[order[r, i // block_size], :, i % block_size] = vr[:, i]
+    caches = [torch.randn(2, hkv, n, D, generator=g) for n in lengths]
+    cache, table = paged_cache(caches, 4, g)
     q = torch.randn(len(lengths), d.num_heads, 1, D, generator=g)
     kw = dict(scale=D**-0.5, softcap=None, sliding_window=d.sliding_window)
-    got = paged.decode(d, q, cache, order, lengths, kw)
-    for r, m in enumerate(lengths):
-        kr, vr = caches[r][0, :, :m][None], caches[r][1, :, :m][None]
-        torch.testing.assert_close(
-            got[r : r + 1], want(d, q[r : r + 1], kr, vr, kw, False), atol=1e-5, rtol=1e-5
-        )
+    got = paged.decode(d, q, cache, table, lengths, kw)
+    for r, (kr, vr) in enumerate(caches):
+        want_r = want(d, q[r : r + 1], kr[None], vr[None], kw, False)
+        torch.testing.assert_close(got[r : r + 1], want_r, atol=1e-5, rtol=1e-5)
 
 
 def test_a_later_chunk_reads_one_run_of_keys():
     """Sinks 4 and windows up to 9 from position 40 on: the run is positions [0, 4) and [32, 48), not the cache."""
     d = LayerDecision(layer=0, num_heads=4)
     d.set_static("sink_window", [4, 2, 0, 4], [9, 5, 9, 2])
-    assert paged.chunk_keys(d, 2, 48, 40) == (4, 32)
+    assert paged.chunk_keys(d, 2, 40) == (4, 32)
     d.sliding_window = 20  # the layer's own window would have to cut the moved sinks: positioned path
-    assert paged.chunk_keys(d, 2, 48, 40) is None
-    assert paged.chunk_keys(d, 2, 12, 5) == (0, 0)  # the windows reach back to 0: the whole prefix
+    assert paged.chunk_keys(d, 2, 40) is None
+    assert paged.chunk_keys(d, 2, 5) == (0, 0)  # the windows reach back to 0: the whole prefix

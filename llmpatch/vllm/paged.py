@@ -26,30 +26,34 @@ def kv_views(kv_cache: torch.Tensor):
 def kept_positions(decision, hkv: int, length: int, first_query: int) -> list[torch.Tensor]:
     """Per KV head: the positions < `length` that one of its query heads can see from a query at or after
     `first_query` (its sink, its window; every position for a dense head)."""
-    lo_window = max(0, first_query - decision.sliding_window + 1) if decision.sliding_window else 0
+    starts = window_starts(decision, hkv, first_query)
     out = []
-    for sink, window in kv_spans(decision, hkv):
-        if window is None:
-            out.append(torch.arange(lo_window, length))
-            continue
-        start = max(first_query - window + 1, lo_window, 0)
-        out.append(torch.cat([torch.arange(0, min(sink, start)), torch.arange(start, length)]))
+    for (sink, window), start in zip(kv_spans(decision, hkv), starts, strict=True):
+        sinks = torch.arange(0, 0 if window is None else min(sink, start))
+        out.append(torch.cat([sinks, torch.arange(start, length)]))
     return out
 
 
-def chunk_keys(decision, hkv: int, length: int, first: int) -> tuple[int, int] | None:
-    """A later prompt chunk's keys for the whole layer as positions [0, s) and [start, length), read as one run:
+def chunk_keys(decision, hkv: int, first: int) -> tuple[int, int] | None:
+    """A later prompt chunk's keys for the whole layer (the chunk's queries start at `first`, its keys end at the
+    prompt's length) as positions [0, s) and [start, length), read as one run:
     `start` is the earliest position some KV head still sees from `first` on, `s` the sinks before it. Inside
     the run, query-key distances are the real ones, so the chunk's queries at the run's end see exactly their
     pattern (a sink moves closer, but stays a sink; a narrower window cannot reach back to the sinks' slots).
     None when the layer's own sliding window would have to cut sinks that moved closer."""
-    lo = max(0, first - decision.sliding_window + 1) if decision.sliding_window else 0
-    spans = kv_spans(decision, hkv)
-    start = min(lo if w is None else max(first - w + 1, lo) for _, w in spans)
-    s = min(max(sink for sink, _ in spans), start)  # every head's sinks (a dense head's group holds others')
+    start = min(window_starts(decision, hkv, first))
+    sinks = max(sink for sink, _ in kv_spans(decision, hkv))  # every head's (a dense head's group holds some)
+    s = min(sinks, start)
     if decision.sliding_window and 0 < s < start:
         return None
     return s, start
+
+
+def window_starts(decision, hkv: int, first_query: int) -> list[int]:
+    """Per KV head: the earliest position its widest window (or the layer's sliding window, for a dense head)
+    still reaches from a query at or after `first_query`."""
+    lo = max(0, first_query - decision.sliding_window + 1) if decision.sliding_window else 0
+    return [lo if w is None else max(first_query - w + 1, lo) for _, w in kv_spans(decision, hkv)]
 
 
 def kv_spans(decision, hkv: int) -> list[tuple[int, int | None]]:
@@ -84,7 +88,7 @@ def prompt_chunk(decision, q, kv_cache, block_row, length: int, kw: dict) -> tor
     table row [1, blocks]); out [1, H, C, D]. One run of keys (`chunk_keys`) on the kernels' band path, or, under
     a sliding window with sinks before the run, every kept key at its position."""
     hkv, first = kv_cache.shape[1], length - q.shape[2]
-    run = chunk_keys(decision, hkv, length, first)
+    run = chunk_keys(decision, hkv, first)
     if run is not None:
         keys = torch.cat([torch.arange(run[0]), torch.arange(run[1], length)])
         k, v, _ = gather(kv_cache, block_row, [[keys] * hkv])
