@@ -90,3 +90,28 @@ def test_a_later_chunk_reads_one_run_of_keys():
     d.sliding_window = 20  # the layer's own window would have to cut the moved sinks: positioned path
     assert paged.chunk_keys(d, 2, 40) is None
     assert paged.chunk_keys(d, 2, 5) == (0, 0)  # the windows reach back to 0: the whole prefix
+
+
+@settings(max_examples=60, deadline=None)
+@given(layers(), st.data(), st.integers(0, 9))
+def test_a_request_that_keeps_every_key_is_causal_attention(layer, data, seed):
+    """`keeps_every_key` sends a request to vLLM's own kernel (causal attention, the layer's sliding window
+    applied by that kernel): only where the pattern equals exactly that."""
+    d, hkv = layer
+    length = data.draw(st.integers(1, d.narrowest_window() or 60))  # mostly lengths the rule accepts
+    if not paged.keeps_every_key(d, length):
+        return
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, d.num_heads, length, D, generator=g)
+    k, v = torch.randn(2, 1, hkv, length, D, generator=g)
+    kw = dict(scale=D**-0.5, softcap=None, sliding_window=d.sliding_window)
+    causal = reference.attention(q, k, v, **kw).out
+    torch.testing.assert_close(want(d, q, k, v, kw, True), causal, atol=1e-5, rtol=1e-5)
+
+
+def test_keeps_every_key_only_below_the_narrowest_window():
+    d = LayerDecision(layer=0, num_heads=2)
+    d.set_static("sink_window", [4, 0], [-1, 64])
+    assert paged.keeps_every_key(d, 64) and not paged.keeps_every_key(d, 65)
+    d.head_mask = HeadMask(torch.tensor([0, 0], dtype=torch.int8), prefill=False)
+    assert not paged.keeps_every_key(d, 1)

@@ -1,6 +1,8 @@
 """vLLM's CPU attention with llmpatch's per-head patterns: a subclass of vLLM's `CPUAttentionBackendImpl`.
 
-A layer whose decision is dense runs vLLM's own kernel. Otherwise each request is one llmpatch kernel call
+A layer whose decision is dense runs vLLM's own kernel, and so does every request whose pattern keeps every key
+at its length (`paged.keeps_every_key`: no head mask, every window at least as long as the request), the
+whole step in one call when all of them do. Otherwise each request is one llmpatch kernel call
 (`kernels.dispatch.attention`, the same entry point the HF path uses):
 - a fresh prompt (all its tokens in this step) attends over the step's own keys and values;
 - a later chunk of a prompt reads from the paged cache the layer's sinks and the contiguous run of positions
@@ -17,7 +19,11 @@ The paged cache is read in `paged.py` (its layout is there).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+from vllm import _custom_ops as ops
+from vllm import envs
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
 from ..attention import pattern_args
@@ -43,6 +49,13 @@ class LlmpatchCPUAttentionImpl(CPUAttentionBackendImpl):
             )
         starts = attn_metadata.query_start_loc.tolist()
         lengths = attn_metadata.seq_lens.tolist()
+        native = {r for r, n in enumerate(lengths) if paged.keeps_every_key(decision, n)}
+        if len(native) == len(lengths):  # the pattern keeps every key of every request: vLLM's kernel
+            return super().forward(
+                layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
+            )
+        if native:
+            self._native(layer, query, kv_cache, attn_metadata, sorted(native), starts, output)
         kw = dict(
             scale=self.scale, softcap=self.logits_soft_cap or None, sliding_window=decision.sliding_window
         )
@@ -50,7 +63,7 @@ class LlmpatchCPUAttentionImpl(CPUAttentionBackendImpl):
         decode = []  # requests with one new token after earlier ones: one batched call below
         for r, length in enumerate(lengths):
             q0, q1 = starts[r], starts[r + 1]
-            if q1 == q0:
+            if q1 == q0 or r in native:
                 continue
             first = length - (q1 - q0)
             if first > 0 and q1 - q0 == 1:
@@ -72,6 +85,29 @@ class LlmpatchCPUAttentionImpl(CPUAttentionBackendImpl):
             )
             output[at] = out[:, :, 0].reshape(len(decode), *output.shape[1:])
         return output
+
+    def _native(self, layer, query, kv_cache, md, reqs: list[int], starts: list[int], output) -> None:
+        """vLLM's own kernel for the requests `reqs` of this step (their queries gathered, their metadata cut)."""
+        rows = torch.cat([torch.arange(starts[r], starts[r + 1]) for r in reqs])
+        counts = torch.tensor([starts[r + 1] - starts[r] for r in reqs])
+        pick = torch.tensor(reqs)
+        loc = torch.zeros(len(reqs) + 1, dtype=md.query_start_loc.dtype)
+        loc[1:] = counts.cumsum(0)
+        seq_lens = md.seq_lens[pick]
+        sub = dataclasses.replace(
+            md, num_actual_tokens=len(rows), max_query_len=int(counts.max()), query_start_loc=loc,
+            max_seq_len=int(seq_lens.max()), seq_lens=seq_lens, block_table=md.block_table[pick],
+            scheduler_metadata=ops.cpu_attn_get_scheduler_metadata(
+                num_reqs=len(reqs), num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                head_dim=self.head_size, seq_lens=seq_lens, dtype=query.dtype, query_start_loc=loc,
+                causal=md.causal, sliding_window_size=-1,  # -1: schedules every key (the builder's choice
+                # for a group whose layers disagree); the kernel still applies the layer's own window
+                isa=layer.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=self.kv_cache_dtype,
+            ),
+        )  # fmt: skip
+        out = torch.empty((len(rows), *output.shape[1:]), dtype=output.dtype)
+        super().forward(layer, query[rows], None, None, kv_cache, sub, out)
+        output[rows] = out
 
 
 class LlmpatchCPUAttentionBackend(CPUAttentionBackend):

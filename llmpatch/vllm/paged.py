@@ -11,8 +11,15 @@ from __future__ import annotations
 import torch
 
 from ..attention import pattern_args
-from ..kernels import dispatch
+from ..kernels import dispatch, rules
 from .served import group_spans
+
+
+def keeps_every_key(decision, length: int) -> bool:
+    """Whether a request of `length` tokens sees its whole pattern as causal attention: no head mask and no
+    window that drops a key (the largest query-key distance is length - 1). vLLM's own kernel computes it."""
+    narrowest = decision.narrowest_window()
+    return decision.head_mask is None and (narrowest is None or not bool(rules.narrows(narrowest, length)))
 
 
 def kv_views(kv_cache: torch.Tensor):
