@@ -154,3 +154,20 @@ def test_left_padded_batch_matches_single_on_real_weights(smollm2):
         for row, prompt in enumerate(prompts):
             alone = model.generate(**tok(prompt, return_tensors="pt", add_special_tokens=False), **kw)
             assert torch.equal(together[row], alone[0, -8:])
+
+
+def test_reform_keeps_the_passkey_with_a_quarter_of_the_cache(smollm2, passkey):
+    """The sparse pass finds the passkey's chunks; the gathered quarter of the prompt, recomputed densely, still
+    answers, with a fraction of the dense prefill's attention."""
+    from llmpatch import caches
+
+    model, tok = smollm2
+    sample, enc = passkey
+    with llmpatch.patched(model, "reform", ratio=0.6) as patch:
+        tracker = patch.track_sparsity()
+        out = model.generate(**enc, max_new_tokens=12, do_sample=False, return_dict_in_generate=True,
+                             pad_token_id=tok.pad_token_id)  # fmt: skip
+        text = tok.decode(out.sequences[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
+    assert PASSKEY.score(sample, text) == 1.0, text
+    assert caches.kv_report(caches.output_cache(out))["saved"] > 0.4
+    assert tracker.density < 0.6

@@ -13,6 +13,7 @@ from .kvzip_heads import KVzipHeads
 from .longheads import LongHeads
 from .moa import MoA
 from .moa_chunkkv import MoAChunkKV
+from .reform import Reform
 from .retrieval_kv import RetrievalKV
 from .retrieval_mask import RetrievalMask
 from .sink_window import SinkWindow
@@ -34,6 +35,7 @@ REGISTRY: dict[str, type[Method]] = {
     MoAChunkKV.name: MoAChunkKV,
     KVzip.name: KVzip,
     KVzipHeads.name: KVzipHeads,
+    Reform.name: Reform,
 }
 
 

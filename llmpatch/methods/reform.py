@@ -1,0 +1,199 @@
+"""Gather and recompute: a sparse prefill finds the prompt chunks the question needs, and only those are computed
+again, densely, into the cache (after REFORM: Song et al., 2025, "Compress, Gather, and Recompute: REFORMing
+Long-Context Processing in Transformers", arXiv 2506.01215).
+
+1. The prompt is prefilled with a sink + window pattern, its last `observe` tokens (the question) attending
+   densely, so the pass costs about (sink + window) / (N / 2) of the dense prefill's attention.
+2. Every layer's last `observe` queries score the prompt tokens: a token's score is its attention probability
+   summed over those rows, in the head (of any layer) that gives it the most; a chunk of `chunk` consecutive
+   positions scores the sum over its tokens, and then the best score within `pool` chunks around it (so the
+   neighbours of a chunk that holds what the question looks for come with it).
+3. The first `sink` and the last `window` prompt tokens and the best chunks, (1 - ratio) of the prompt in all,
+   are run through the model again on their own, at their original positions, with dense causal attention
+   among them: their keys and values replace the sparse pass's in the cache (the same tokens in every layer and
+   KV head), and the logits of the prompt's last token come from this pass.
+So every kept entry is the one a dense prefill of the gathered tokens gives, and no entry is computed from a
+context the cache no longer holds. Each KV head also keeps a ring of `window` slots for what comes after the
+prompt (a later question, the answer), outside the ratio, as in `kvzip`; KV saved counts it.
+
+Defaults: ratio 0.75, sink 16, window 128, observe 64, chunk 16 (the pass-1 pattern and the selection window of
+`chunkkv`).
+Departures from REFORM: one sparse prefill instead of its recurrent chunked encoding with a compressed cache and
+early exit; tokens are gathered by the question's attention in the sparse pass (summed over chunks, as ChunkKV
+does) instead of the cosine similarity of cross-layer QKV embeddings; gathered as whole chunks; no prompt longer
+than the model's trained length. Each row of a batch is gathered alone (its own chunks, as batch 1). Layers with
+the model's own sliding window keep their own cache from the sparse pass. Recomputing costs about
+(1 - ratio)^2 of the dense prefill's attention (and the MLPs of the gathered tokens again); `prefill attention
+computed` counts it (docs/METHODS.md §11).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..errors import ParameterError
+from ..kernels import rules
+from ..sharding import all_gather_heads
+from .base import Method, param
+
+
+@dataclasses.dataclass
+class Reform(Method):
+    name = "reform"
+    summary = "sparse prefill; the question picks prompt chunks, which are recomputed densely into the cache"
+
+    ratio: float = param(
+        0.75, "a number in [0, 1) (share of the prompt's tokens evicted)", lambda v: 0 <= v < 1
+    )
+    sink: int = param(
+        16, "an int >= 1 (first prompt tokens, always kept; the sparse pass's sink)", lambda v: v >= 1
+    )
+    window: int = param(128, "an int >= 1 (the sparse pass's window; the last prompt tokens, always kept; the ring "
+                        "for later tokens)", lambda v: v >= 1)  # fmt: skip
+    observe: int = param(64, "an int >= 1 (the last prompt tokens that score the rest; they attend densely)",
+                         lambda v: v >= 1)  # fmt: skip
+    chunk: int = param(16, "an int >= 1 (consecutive prompt positions kept together)", lambda v: v >= 1)
+    pool: int = param(3, "an odd int >= 1 (chunks: a chunk's score is the best in the `pool` chunks around it, so a "
+                      "chunk's neighbours come with it)", lambda v: v >= 1 and v % 2 == 1)  # fmt: skip
+
+    def configure(self, spec, layers):
+        h = spec.num_heads
+        self._managed = [i for i in range(spec.num_layers) if spec.sliding_window[i] is None]
+        for layer in layers:
+            if layer.layer in self._managed:
+                layer.set_static(
+                    self.name, torch.full((h,), self.sink), torch.full((h,), self.window), self.observe
+                )
+            layer.select = self._score if self._managed else None  # every layer its own window: nothing to do
+        self._layers, self._scores, self._busy, self._ids, self._shard = layers, None, False, None, spec.shard
+
+    def install(self, model, spec, layers):
+        from ..caches import output_cache, ring
+
+        undo_ring = ring.install(model, spec, layers)
+
+        def pre(module, args, kwargs):
+            if not self._busy:
+                self._ids, self._scores = kwargs.get("input_ids", args[0] if args else None), None
+
+        def post(module, args, kwargs, out):
+            if self._scores is not None and not self._busy:
+                try:
+                    self._busy = True
+                    self._gather(model, out, output_cache(out))
+                finally:
+                    self._busy, self._scores = False, None
+            return out
+
+        handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
+                   model.register_forward_hook(post, with_kwargs=True)]  # fmt: skip
+
+        def undo():
+            for handle in handles:
+                handle.remove()
+            undo_ring()
+
+        return undo
+
+    def _score(self, decision, q, k, v, mask, scale, softcap) -> None:
+        """On the prompt (the sparse pass): add this layer's attention of the last `observe` queries to the
+        per-token scores [B, N], and remember each row's first real slot."""
+        if self._busy:
+            return
+        b, h, n, d = q.shape
+        t = min(self.observe, n)
+        start = mask.row_start(b, q.device)
+        q_pos, k_pos = rules.token_positions(b, t, n, start, mask.key_padding, q.device)
+        logits = torch.matmul(q[:, :, n - t :].float(), k.float().repeat_interleave(h // k.shape[1], 1).mT)
+        logits = rules.soft_cap(logits * (scale if scale is not None else d**-0.5), softcap)
+        seen = rules.visible(q_pos[:, None, :, None], k_pos[:, None, None, :])
+        probs = torch.softmax(logits.masked_fill(~seen, float("-inf")), -1).nan_to_num(0.0)
+        scores = probs.sum(2).amax(1).cpu()  # [B, N]: the head that attends to a token most
+        self._scores = scores if self._scores is None else torch.maximum(self._scores, scores)
+        self._starts = start.tolist()
+
+    def _gather(self, model, out, cache) -> None:
+        ids = self._ids
+        if ids is None:
+            raise ParameterError(
+                "reform: the prompt must come as input_ids (its chosen tokens are run again)"
+            )
+        # every rank gathers the same tokens: the best head over all ranks' heads
+        scores = all_gather_heads(self._scores[:, None], self._shard, 1).amax(1)
+        rows = []
+        for row, start in enumerate(self._starts):  # each row alone: a batch row keeps what batch 1 keeps
+            kept = self._choose(scores[row, start:])
+            keys, values, logits = self._recompute(model, ids[row : row + 1, start:], kept)
+            rows.append((len(kept), keys, values))
+            out.logits[row, -1] = logits.to(out.logits.dtype)
+        count = max(n for n, _, _ in rows)
+        for i in self._managed:
+            layer = cache.layers[i]
+            layer.set_pins([count] * layer.num_kv_heads, keep_ring=False)  # the ring's tokens are pinned now
+            keys = torch.zeros(
+                len(rows), layer.num_kv_heads, count, layer.keys.shape[-1], dtype=layer.keys.dtype
+            )
+            values, index = torch.zeros_like(keys), torch.full(keys.shape[:3], -1, dtype=torch.long)
+            for r, (n, k, v) in enumerate(rows):
+                index[r, :, :n] = torch.arange(n)
+                keys[r, :, :n], values[r, :, :n] = k[i][0], v[i][0]
+            dev = layer.keys.device
+            layer.pin(index.to(dev), keys.to(dev), values.to(dev))
+
+    def _choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """The prompt positions pinned (sorted): the best-scored whole chunks after the sink and the last `window`,
+        with the sink (which stays in its own slots, not returned) (1 - ratio) of the prompt in all."""
+        n = scores.numel()
+        sink, recent = min(self.sink, n), max(min(self.sink, n), n - self.window)
+        budget = max(0, int((1 - self.ratio) * n) - sink - (n - recent))
+        ids = torch.arange(n) // self.chunk
+        sums = torch.zeros(int(ids[-1]) + 1).scatter_add_(0, ids[sink:recent], scores[sink:recent])
+        counts = torch.zeros_like(sums).scatter_add_(0, ids[sink:recent], torch.ones(recent - sink))
+        sums = torch.nn.functional.max_pool1d(sums[None], self.pool, stride=1, padding=self.pool // 2)[0]
+        sums = sums.masked_fill(counts == 0, -1.0)  # chunks wholly in the sink or the window take no budget
+        order = sums.argsort(descending=True, stable=True)
+        take = torch.zeros_like(sums, dtype=torch.bool)
+        take[order[(counts[order].cumsum(0) <= budget) & (counts[order] > 0)]] = True
+        middle = torch.arange(sink, recent)
+        return torch.cat([middle[take[ids[sink:recent]]], torch.arange(recent, n)])
+
+    def _recompute(self, model, prompt, kept):
+        """Run the sink and the tokens `kept` of one prompt [1, N] at their positions, dense and causal among
+        themselves: each managed layer's keys and values of `kept` [1, Hkv, K, D] and the last token's logits."""
+        from ..kernels import density, dispatch
+
+        s = min(self.sink, prompt.shape[1])
+        pos = torch.cat([torch.arange(s), kept]).to(prompt.device)
+        keys, values, saved = {}, {}, [(layer.taps.profiler, layer.taps.tracker) for layer in self._layers]
+
+        def tap_for(layer, tracker):
+            def tap(decision, q, k, v, scale, softcap):
+                b, h, nq, _ = q.shape
+                kw = dict(
+                    backend=decision.backend,
+                    scale=scale,
+                    softcap=softcap,
+                    sliding_window=decision.sliding_window,
+                )
+                if decision.sliding_window is not None:  # the model's own window, over the real positions
+                    kw.update(q_pos=pos[None], k_pos=pos.view(1, 1, -1).expand(b, k.shape[1], -1))
+                out = dispatch.attention(q, k, v, **kw)[0]  # in slot order, causal is causal in positions
+                if tracker is not None:  # counted as computed, not in the dense prefill's total
+                    tracker.add(density.causal_count(b, h, nq, nq, device=q.device), 0)
+                keys[layer.layer], values[layer.layer] = k[:, :, s:], v[:, :, s:]
+                return out
+
+            return tap
+
+        try:
+            for layer, (_, tracker) in zip(self._layers, saved, strict=True):
+                layer.taps.profiler, layer.taps.tracker = tap_for(layer, tracker), None
+            ids = prompt[:, pos]  # a mask, or transformers reads the gaps in position_ids as packed sequences
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=pos[None],
+                           use_cache=False, logits_to_keep=1).logits[0, -1]  # fmt: skip
+        finally:
+            for layer, (profiler, tracker) in zip(self._layers, saved, strict=True):
+                layer.taps.profiler, layer.taps.tracker = profiler, tracker
+        return keys, values, logits

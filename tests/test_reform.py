@@ -1,0 +1,68 @@
+"""reform: the chosen positions (whole chunks, sink and window always, the budget), the cache after the gather
+equal to a dense prefill of the gathered tokens at their positions, the first answer token's logits from that
+pass, and bad input (the shared suite in test_methods.py covers dense parity, batches and remove())."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import llmpatch
+from llmpatch import caches
+from llmpatch.errors import ParameterError
+from llmpatch.methods.reform import Reform
+from llmpatch.testing import tiny_model
+from tests.test_parity import PROMPTS
+
+
+def test_choose_keeps_whole_chunks_with_their_neighbours_within_the_budget():
+    m = Reform(ratio=0.5, sink=2, window=4, chunk=3, pool=3)
+    scores = torch.zeros(40)
+    scores[20] = 5.0  # chunk 6 (positions 18-20); pooling brings chunks 5 and 7 with it
+    kept = m._choose(scores)
+    assert kept[-4:].tolist() == [36, 37, 38, 39]  # the window
+    middle = set(kept[:-4].tolist())
+    assert set(range(15, 24)) <= middle and not middle & {0, 1}  # the sink keeps its own slots
+    assert len(kept) + 2 <= 20  # (1 - ratio) of the prompt, sink included
+    assert all(
+        {p // 3 * 3 + i for i in range(3)} & set(range(2, 36)) <= middle for p in middle
+    )  # whole chunks
+
+
+def test_the_cache_is_a_dense_prefill_of_the_gathered_tokens():
+    model = tiny_model("llama")
+    x = torch.tensor([PROMPTS[0] * 3])  # 60 tokens
+    params = dict(ratio=0.5, sink=2, window=6, observe=4, chunk=4)
+    chosen = {}
+    with llmpatch.patched(model, "reform", **params) as patch:
+        method = patch.methods[0]
+        choose = method._choose
+        method._choose = lambda s: chosen.setdefault("kept", choose(s))
+        out = model.generate(x, max_new_tokens=1, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)  # fmt: skip
+    pos = torch.cat([torch.arange(2), chosen["kept"]])
+    dense = DynamicCache()
+    with torch.no_grad():
+        ref = model(x[:, pos], position_ids=pos[None], attention_mask=torch.ones(1, len(pos), dtype=torch.long),
+                    **{caches.cache_argument(model): dense})  # fmt: skip
+    torch.testing.assert_close(out.logits[0][0], ref.logits[0, -1], atol=1e-5, rtol=1e-5)
+    cache = caches.output_cache(out)
+    for i, layer in enumerate(cache.layers):
+        for h in range(layer.num_kv_heads):
+            seg = slice(layer.offsets[h] + layer.sink[h], layer.offsets[h] + layer.sink[h] + layer.pins[h])
+            torch.testing.assert_close(
+                layer.keys[0, seg], dense.layers[i].keys[0, h, 2:], atol=1e-5, rtol=1e-5
+            )
+            torch.testing.assert_close(
+                layer.values[0, seg], dense.layers[i].values[0, h, 2:], atol=1e-5, rtol=1e-5
+            )
+    assert caches.kv_report(cache)["saved"] > 0.3
+
+
+@pytest.mark.parametrize("params", [{"ratio": 1.0}, {"pool": 2}, {"chunk": 0}, {"observe": 0}])
+def test_bad_reform_input_leaves_model_untouched(params):
+    model = tiny_model("llama")
+    x = torch.tensor([PROMPTS[0]])
+    before = model(x).logits
+    with pytest.raises(ParameterError, match=next(iter(params))):
+        llmpatch.apply(model, "reform", **params)
+    assert torch.equal(model(x).logits, before)
