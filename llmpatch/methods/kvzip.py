@@ -32,6 +32,7 @@ from ..errors import ParameterError
 from ..kernels import rules
 from ..sharding import all_gather_heads
 from .base import Method, param
+from .shared import install_after_prompt
 
 INSTRUCTION = ("\n\nRepeat the previous context exactly.",
                "\n\nRepeat the part of the previous context exactly, starting with")  # fmt: skip
@@ -68,32 +69,20 @@ class KVzip(Method):
         self._layers, self._stashed, self._busy, self._lead_ids = layers, {}, False, None
 
     def install(self, model, spec, layers):
-        from ..caches import output_cache, ring
-
-        undo_ring = ring.install(model, spec, layers)
         inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
 
-        def pre(module, args, kwargs):
-            self._ids = kwargs.get("input_ids", args[0] if args else None)
+        def before(ids):
+            self._ids = ids
 
-        def post(module, args, kwargs, out):
+        def after(out, cache):
             if self._stashed and not self._busy:
                 try:
                     self._busy = True
-                    self._compress(inner, output_cache(out), spec)
+                    self._compress(inner, cache, spec)
                 finally:
                     self._busy, self._stashed = False, {}
-            return out
 
-        handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
-                   model.register_forward_hook(post, with_kwargs=True)]  # fmt: skip
-
-        def undo():
-            for handle in handles:
-                handle.remove()
-            undo_ring()
-
-        return undo
+        return install_after_prompt(model, spec, layers, before, after)
 
     def _stash(self, decision, q, k, v, mask, scale, softcap) -> None:
         """On the prompt: keep its keys and values (and each row's first slot) for the scoring passes."""

@@ -34,9 +34,10 @@ import dataclasses
 import torch
 
 from ..errors import ParameterError
-from ..kernels import rules
 from ..sharding import all_gather_heads
 from .base import Method, param
+from .shared import install_after_prompt
+from .snapkv import observed
 
 
 @dataclasses.dataclass
@@ -70,49 +71,29 @@ class Reform(Method):
         self._layers, self._scores, self._busy, self._ids, self._shard = layers, None, False, None, spec.shard
 
     def install(self, model, spec, layers):
-        from ..caches import output_cache, ring
-
-        undo_ring = ring.install(model, spec, layers)
-
-        def pre(module, args, kwargs):
+        def before(ids):
             if not self._busy:
-                self._ids, self._scores = kwargs.get("input_ids", args[0] if args else None), None
+                self._ids, self._scores = ids, None
 
-        def post(module, args, kwargs, out):
+        def after(out, cache):
             if self._scores is not None and not self._busy:
                 try:
                     self._busy = True
-                    self._gather(model, out, output_cache(out))
+                    self._gather(model, out, cache)
                 finally:
                     self._busy, self._scores = False, None
-            return out
 
-        handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
-                   model.register_forward_hook(post, with_kwargs=True)]  # fmt: skip
-
-        def undo():
-            for handle in handles:
-                handle.remove()
-            undo_ring()
-
-        return undo
+        return install_after_prompt(model, spec, layers, before, after)
 
     def _score(self, decision, q, k, v, mask, scale, softcap) -> None:
         """On the prompt (the sparse pass): add this layer's attention of the last `observe` queries to the
         per-token scores [B, N], and remember each row's first real slot."""
         if self._busy:
             return
-        b, h, n, d = q.shape
-        t = min(self.observe, n)
-        start = mask.row_start(b, q.device)
-        q_pos, k_pos = rules.token_positions(b, t, n, start, mask.key_padding, q.device)
-        logits = torch.matmul(q[:, :, n - t :].float(), k.float().repeat_interleave(h // k.shape[1], 1).mT)
-        logits = rules.soft_cap(logits * (scale if scale is not None else d**-0.5), softcap)
-        seen = rules.visible(q_pos[:, None, :, None], k_pos[:, None, None, :])
-        probs = torch.softmax(logits.masked_fill(~seen, float("-inf")), -1).nan_to_num(0.0)
+        probs, _, _ = observed(q, k, mask, scale, softcap, self.observe)
         scores = probs.sum(2).amax(1).cpu()  # [B, N]: the head that attends to a token most
         self._scores = scores if self._scores is None else torch.maximum(self._scores, scores)
-        self._starts = start.tolist()
+        self._starts = mask.row_start(q.shape[0], q.device).tolist()
 
     def _gather(self, model, out, cache) -> None:
         ids = self._ids

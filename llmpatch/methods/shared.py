@@ -1,5 +1,6 @@
-"""Bases shared by several methods: elastic per-head sink + window spans (moa, streamingllm) and the per-head
-scores of a retrieval plan (retrieval_mask, retrieval_kv)."""
+"""Bases shared by several methods: elastic per-head sink + window spans (moa, streamingllm), the per-head
+scores of a retrieval plan (retrieval_mask, retrieval_kv) and the hooks of methods that act once the prompt is in
+(kvzip, reform)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,32 @@ class ElasticSinkWindow(Method):
         if self.ring:
             undo.append(ring.install(model, spec, layers))
         return lambda: [u() for u in reversed(undo)]
+
+
+def install_after_prompt(model, spec, layers, before, after):
+    """The ring cache on `layers`, and two hooks on the model's forward: `before(input_ids)` ahead of every call
+    (None without input_ids) and `after(out, cache)` after it, for methods that rework the cache once the prompt
+    is in (kvzip, reform). Returns the undo callback."""
+    from ..caches import output_cache, ring  # imports transformers: not at package import time
+
+    undo_ring = ring.install(model, spec, layers)
+
+    def pre(module, args, kwargs):
+        before(kwargs.get("input_ids", args[0] if args else None))
+
+    def post(module, args, kwargs, out):
+        after(out, output_cache(out))
+        return out
+
+    handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
+               model.register_forward_hook(post, with_kwargs=True)]  # fmt: skip
+
+    def undo():
+        for handle in handles:
+            handle.remove()
+        undo_ring()
+
+    return undo
 
 
 def input_length(args, kwargs) -> int | None:

@@ -67,18 +67,9 @@ class SnapKV(ElasticSinkWindow):
         ring = decision.pin_to() if decision.pin_to is not None else None
         if ring is None or not self.keep:
             return
-        b, h, n, d = q.shape
+        b, h, n, _ = q.shape
         hkv = k.shape[1]
-        t = min(self.observe, n)
-        start = mask.row_start(b, q.device)
-        q_pos, k_pos = rules.token_positions(b, t, n, start, mask.key_padding, q.device)
-        logits = torch.matmul(
-            q[:, :, n - t :].float(), k.float().repeat_interleave(h // hkv, 1).transpose(-1, -2)
-        )
-        logits = logits * (scale if scale is not None else d**-0.5)
-        logits = rules.soft_cap(logits, softcap)
-        seen = rules.visible(q_pos[:, None, :, None], k_pos[:, None, None, :])
-        probs = torch.softmax(logits.masked_fill(~seen, float("-inf")), -1).nan_to_num(0.0)
+        probs, q_pos, k_pos = observed(q, k, mask, scale, softcap, self.observe)
         scores = probs.sum(2).view(b, hkv, h // hkv, n).sum(2)  # [B, Hkv, N]
         last = q_pos[:, -1:, None]  # [B, 1, 1]: the prompt's last position
         sink = torch.tensor(ring.sink, device=q.device).view(1, -1, 1)
@@ -90,3 +81,17 @@ class SnapKV(ElasticSinkWindow):
         values, order = scores.sort(dim=-1, descending=True, stable=True)
         top = min(self.keep, n)
         ring.pin(torch.where(torch.isfinite(values[..., :top]), order[..., :top], -1), k, v)
+
+
+def observed(q, k, mask, scale, softcap, observe: int):
+    """The observation window: the prompt's last `observe` queries' attention probabilities over its keys
+    [B, H, t, N] (t = min(observe, N), each KV head's keys shared by its group), with their positions
+    (q_pos [B, t], k_pos [B, N])."""
+    b, h, n, d = q.shape
+    t = min(observe, n)
+    start = mask.row_start(b, q.device)
+    q_pos, k_pos = rules.token_positions(b, t, n, start, mask.key_padding, q.device)
+    logits = torch.matmul(q[:, :, n - t :].float(), k.float().repeat_interleave(h // k.shape[1], 1).mT)
+    logits = rules.soft_cap(logits * (scale if scale is not None else d**-0.5), softcap)
+    seen = rules.visible(q_pos[:, None, :, None], k_pos[:, None, None, :])
+    return torch.softmax(logits.masked_fill(~seen, float("-inf")), -1).nan_to_num(0.0), q_pos, k_pos
