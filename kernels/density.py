@@ -27,6 +27,16 @@ def causal_count(b, h, nq, nk, *, start=None, sliding_window=None, device="cpu")
     return int((q_pos - lo + 1).clamp(min=0).sum()) * h
 
 
+def gathered_count(pos: torch.Tensor, h: int, *, sliding_window=None) -> int:
+    """Scores of dense causal attention among the tokens at the sorted positions `pos` [N] (a gathered subset of
+    one sequence, `reform`'s recompute), over h heads, inside the layer's sliding window."""
+    n = pos.numel()
+    if sliding_window is None:
+        return n * (n + 1) // 2 * h
+    lo = torch.searchsorted(pos, pos - sliding_window + 1)
+    return int((torch.arange(n, device=pos.device) - lo + 1).sum()) * h
+
+
 def computed_count(
     b, h, nq, nk, *, start=None, sliding_window=None, sink=None, window=None, kv_count=None, kv_index=None,
     block_size=64, device="cpu", **_,

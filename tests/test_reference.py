@@ -150,3 +150,17 @@ def test_density_counts_match_the_dense_masks(problem):
         if "sink" in kw:
             want = want & rules.keep_mask(q_pos, k_pos, h, sink=kw["sink"], window=kw["window"])
     assert density.computed_count(b, h, nq, nk, **kw) == int(want.sum())
+
+
+@SETTINGS
+@given(
+    st.lists(st.integers(0, 60), min_size=1, max_size=25, unique=True),
+    st.integers(1, 3),
+    st.one_of(st.none(), st.integers(1, 30)),
+)
+def test_gathered_count_matches_the_mask_over_positions(positions, h, window):
+    from llmpatch.kernels import density
+
+    pos = torch.tensor(sorted(positions))
+    vis = rules.keep_mask(pos[None], pos[None], h, sliding_window=window)  # [1, 1, N, N]
+    assert density.gathered_count(pos, h, sliding_window=window) == int(vis.sum()) * h

@@ -10,7 +10,7 @@ import llmpatch
 from llmpatch import caches
 from llmpatch.errors import ParameterError
 from llmpatch.methods.reform import Reform
-from llmpatch.testing import tiny_model
+from llmpatch.testing import FAMILIES, tiny_model
 from tests.test_parity import PROMPTS
 
 
@@ -56,6 +56,24 @@ def test_the_cache_is_a_dense_prefill_of_the_gathered_tokens():
                 layer.values[0, seg], dense.layers[i].values[0, h, 2:], atol=1e-5, rtol=1e-5
             )
     assert caches.kv_report(cache)["saved"] > 0.3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_sparse_pass_that_gathers_everything_decodes_as_the_unpatched_model(family):
+    """ratio 0 after a sink 2 + window 4 pass: every token is recomputed densely, so the cache is the dense one;
+    on a layer with its own sliding window (12 here, the prompt 40) only what the window still shows is pinned,
+    at its position, and leaves the window during decode as in the model's own cache."""
+    model = tiny_model(family)
+    x = torch.tensor([PROMPTS[0] * 2])
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+              output_logits=True)  # fmt: skip
+    want = model.generate(x, **kw)
+    with llmpatch.patched(model, "reform", ratio=0.0, sink=2, window=4, observe=3, chunk=2):
+        for _ in range(2):  # the second prompt starts from the sparse pattern again
+            got = model.generate(x, **kw)
+            assert torch.equal(got.sequences, want.sequences)
+            for a, b in zip(got.logits, want.logits, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("params", [{"ratio": 1.0}, {"pool": 2}, {"chunk": 0}, {"observe": 0}])

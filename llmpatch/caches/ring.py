@@ -188,10 +188,12 @@ class RingLayer(DynamicLayer):
                 z = slice(self.offsets[h] + dst, self.offsets[h] + dst + size)
                 self.keys[:, z], self.values[:, z], self.pos[:, z] = keys[:, a], values[:, a], pos[:, a]
 
-    def pin(self, index: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def pin(self, index: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions=None) -> None:
         """Keep the prompt's key slots `index` [B, Hkv, K] (K <= pins; -1 = none) of keys / values [B, Hkv, N, D]
         in each KV head's pinned slots. A pinned key is published at position 0, so every rule reads it like a
-        sink: visible to every later query (it is older than all of them)."""
+        sink: visible to every later query (it is older than all of them); or at its token position `positions`
+        [B, K], so that it leaves the model's own sliding window like any key (the method then lifts the pattern
+        from the layer, `reform`)."""
         b, hkv, k = index.shape
         for h in range(hkv):
             n = min(k, self.pins[h])
@@ -204,7 +206,8 @@ class RingLayer(DynamicLayer):
             for buf, src in ((self.keys, keys), (self.values, values)):
                 picked = src[:, h].gather(1, rows.expand(b, n, src.shape[-1]))
                 buf[:, seg] = torch.where(ok, picked.to(buf.dtype), buf[:, seg])
-            self.pos[:, seg] = torch.where(ok[..., 0], 0, -1)
+            at = 0 if positions is None else positions[:, :n].to(self.pos.device)
+            self.pos[:, seg] = torch.where(ok[..., 0], at, -1)
 
     def full_kv_heads(self) -> int:
         return sum(r < 0 for r in self.ring) if self.is_initialized else 0

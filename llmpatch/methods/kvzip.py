@@ -71,7 +71,7 @@ class KVzip(Method):
     def install(self, model, spec, layers):
         inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
 
-        def before(ids):
+        def before(ids, fresh):
             self._ids = ids
 
         def after(out, cache):

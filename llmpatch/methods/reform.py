@@ -21,10 +21,12 @@ Defaults: ratio 0.75, sink 16, window 128, observe 64, chunk 16 (the pass-1 patt
 Departures from REFORM: one sparse prefill instead of its recurrent chunked encoding with a compressed cache and
 early exit; tokens are gathered by the question's attention in the sparse pass (summed over chunks, as ChunkKV
 does) instead of the cosine similarity of cross-layer QKV embeddings; gathered as whole chunks; no prompt longer
-than the model's trained length. Each row of a batch is gathered alone (its own chunks, as batch 1). Layers with
-the model's own sliding window keep their own cache from the sparse pass. Recomputing costs about
-(1 - ratio)^2 of the dense prefill's attention (and the MLPs of the gathered tokens again); `prefill attention
-computed` counts it (docs/METHODS.md §11).
+than the model's trained length. Each row of a batch is gathered alone (its own chunks, as batch 1). On a model
+with sliding-window layers (Gemma-2/3) only the layers that read the whole prompt score it (all, if every layer
+slides), and a sliding layer keeps just the gathered tokens its window still shows the next token, at their
+positions, so they leave the window as in the model's own cache (its pattern is lifted until the next prompt).
+Recomputing costs about (1 - ratio)^2 of the dense prefill's attention (and the MLPs of the gathered tokens
+again); `prefill attention computed` counts it, within each layer's window (docs/METHODS.md §11).
 """
 
 from __future__ import annotations
@@ -61,19 +63,25 @@ class Reform(Method):
 
     def configure(self, spec, layers):
         h = spec.num_heads
-        self._managed = [i for i in range(spec.num_layers) if spec.sliding_window[i] is None]
+        self._own = list(spec.sliding_window)
+        whole = [layer for layer in layers if self._own[layer.layer] is None]
         for layer in layers:
-            if layer.layer in self._managed:
-                layer.set_static(
-                    self.name, torch.full((h,), self.sink), torch.full((h,), self.window), self.observe
-                )
-            layer.select = self._score if self._managed else None  # every layer its own window: nothing to do
+            layer.set_static(
+                self.name, torch.full((h,), self.sink), torch.full((h,), self.window), self.observe
+            )
+        # the layers that read the whole prompt score it (all of them when every layer slides)
+        for layer in whole or layers:
+            layer.select = self._score
         self._layers, self._scores, self._busy, self._ids, self._shard = layers, None, False, None, spec.shard
+        self._heads, self._lifted = h, False
 
     def install(self, model, spec, layers):
-        def before(ids):
-            if not self._busy:
-                self._ids, self._scores = ids, None
+        def before(ids, fresh):
+            if self._busy:
+                return
+            self._ids, self._scores = ids, None
+            if fresh and self._lifted:  # a new prompt: the sliding layers' sparse pattern again
+                self._lift(None)
 
         def after(out, cache):
             if self._scores is not None and not self._busy:
@@ -84,6 +92,16 @@ class Reform(Method):
                     self._busy, self._scores = False, None
 
         return install_after_prompt(model, spec, layers, before, after)
+
+    def _lift(self, window: int | None) -> None:
+        """On the layers with the model's own sliding window: no pattern (-1) once their pins hold the gathered
+        tokens at their positions (the window decides what a later query sees), or the sparse pass's again."""
+        with torch.inference_mode(False):
+            for layer in self._layers:
+                if self._own[layer.layer] is not None:
+                    span = self.window if window is None else window
+                    layer.set_spans(torch.full((self._heads,), self.sink), torch.full((self._heads,), span))
+        self._lifted = window is not None
 
     def _score(self, decision, q, k, v, mask, scale, softcap) -> None:
         """On the prompt (the sparse pass): add this layer's attention of the last `observe` queries to the
@@ -106,22 +124,31 @@ class Reform(Method):
         rows = []
         for row, start in enumerate(self._starts):  # each row alone: a batch row keeps what batch 1 keeps
             kept = self._choose(scores[row, start:])
-            keys, values, logits = self._recompute(model, ids[row : row + 1, start:], kept)
-            rows.append((len(kept), keys, values))
+            pos = torch.cat([torch.arange(min(self.sink, ids.shape[1] - start)), kept])
+            keys, values, logits = self._recompute(model, ids[row : row + 1, start:], pos)
+            rows.append((pos, keys, values, ids.shape[1] - start))
             out.logits[row, -1] = logits.to(out.logits.dtype)
-        count = max(n for n, _, _ in rows)
-        for i in self._managed:
-            layer = cache.layers[i]
+        for layer in cache.layers:
+            if not hasattr(layer, "pin"):
+                continue
+            i, own = layer.decision.layer, self._own[layer.decision.layer]
+            # what the layer's sink slots do not hold; on a sliding layer only what its window still shows the
+            # next token, at the tokens' positions
+            picks = [((pos >= max(layer.sink)) & (own is None or pos > n - own)).nonzero().flatten()
+                     for pos, _, _, n in rows]  # fmt: skip
+            count = max(len(p) for p in picks)
             layer.set_pins([count] * layer.num_kv_heads, keep_ring=False)  # the ring's tokens are pinned now
-            keys = torch.zeros(
-                len(rows), layer.num_kv_heads, count, layer.keys.shape[-1], dtype=layer.keys.dtype
-            )
-            values, index = torch.zeros_like(keys), torch.full(keys.shape[:3], -1, dtype=torch.long)
-            for r, (n, k, v) in enumerate(rows):
-                index[r, :, :n] = torch.arange(n)
-                keys[r, :, :n], values[r, :, :n] = k[i][0], v[i][0]
+            shape = (len(rows), layer.num_kv_heads, max(len(p) for p, _, _, _ in rows), layer.keys.shape[-1])
+            keys = torch.zeros(shape, dtype=layer.keys.dtype)
+            values, index = torch.zeros_like(keys), torch.full((*shape[:2], count), -1, dtype=torch.long)
+            at = torch.full((len(rows), count), -1, dtype=torch.long)
+            for r, ((pos, k, v, _), pick) in enumerate(zip(rows, picks, strict=True)):
+                index[r, :, : len(pick)], at[r, : len(pick)] = pick, pos[pick]
+                keys[r, :, : len(pos)], values[r, :, : len(pos)] = k[i][0], v[i][0]
             dev = layer.keys.device
-            layer.pin(index.to(dev), keys.to(dev), values.to(dev))
+            layer.pin(index.to(dev), keys.to(dev), values.to(dev), None if own is None else at)
+        if any(w is not None for w in self._own):
+            self._lift(-1)
 
     def _choose(self, scores: torch.Tensor) -> torch.Tensor:
         """The prompt positions pinned (sorted): the best-scored whole chunks after the sink and the last `window`,
@@ -140,13 +167,12 @@ class Reform(Method):
         middle = torch.arange(sink, recent)
         return torch.cat([middle[take[ids[sink:recent]]], torch.arange(recent, n)])
 
-    def _recompute(self, model, prompt, kept):
-        """Run the sink and the tokens `kept` of one prompt [1, N] at their positions, dense and causal among
-        themselves: each managed layer's keys and values of `kept` [1, Hkv, K, D] and the last token's logits."""
+    def _recompute(self, model, prompt, pos):
+        """Run the tokens at positions `pos` (sorted) of one prompt [1, N] at those positions, dense and causal
+        among themselves: each layer's keys and values [1, Hkv, K, D] and the last token's logits."""
         from ..kernels import density, dispatch
 
-        s = min(self.sink, prompt.shape[1])
-        pos = torch.cat([torch.arange(s), kept]).to(prompt.device)
+        pos = pos.to(prompt.device)
         keys, values, saved = {}, {}, [(layer.taps.profiler, layer.taps.tracker) for layer in self._layers]
 
         def tap_for(layer, tracker):
@@ -162,8 +188,8 @@ class Reform(Method):
                     kw.update(q_pos=pos[None], k_pos=pos.view(1, 1, -1).expand(b, k.shape[1], -1))
                 out = dispatch.attention(q, k, v, **kw)[0]  # in slot order, causal is causal in positions
                 if tracker is not None:  # counted as computed, not in the dense prefill's total
-                    tracker.add(density.causal_count(b, h, nq, nq, device=q.device), 0)
-                keys[layer.layer], values[layer.layer] = k[:, :, s:], v[:, :, s:]
+                    tracker.add(density.gathered_count(pos, h, sliding_window=decision.sliding_window), 0)
+                keys[layer.layer], values[layer.layer] = k, v
                 return out
 
             return tap

@@ -58,15 +58,19 @@ class ElasticSinkWindow(Method):
 
 
 def install_after_prompt(model, spec, layers, before, after):
-    """The ring cache on `layers`, and two hooks on the model's forward: `before(input_ids)` ahead of every call
-    (None without input_ids) and `after(out, cache)` after it, for methods that rework the cache once the prompt
-    is in (kvzip, reform). Returns the undo callback."""
-    from ..caches import output_cache, ring  # imports transformers: not at package import time
+    """The ring cache on `layers`, and two hooks on the model's forward: `before(input_ids, fresh)` ahead of every
+    call (input_ids None without them; fresh: the call starts a new cache, i.e. it is a prompt) and `after(out,
+    cache)` after it, for methods that rework the cache once the prompt is in (kvzip, reform). Returns the undo
+    callback."""
+    from ..caches import cache_argument, find_cache, output_cache, ring  # imports transformers: not at import
 
     undo_ring = ring.install(model, spec, layers)
+    name = cache_argument(model)
 
     def pre(module, args, kwargs):
-        before(kwargs.get("input_ids", args[0] if args else None))
+        cache = find_cache(kwargs, name)
+        fresh = cache is None or cache.get_seq_length() == 0
+        before(kwargs.get("input_ids", args[0] if args else None), fresh)
 
     def post(module, args, kwargs, out):
         after(out, output_cache(out))
