@@ -76,7 +76,28 @@ def test_a_sparse_pass_that_gathers_everything_decodes_as_the_unpatched_model(fa
                 torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("params", [{"ratio": 1.0}, {"pool": 2}, {"chunk": 0}, {"observe": 0}])
+def test_decode_sizes_the_ring_after_the_gather_only():
+    model = tiny_model("gemma3_text")
+    x = torch.tensor([PROMPTS[0] * 2])
+    kw = dict(
+        max_new_tokens=3, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True
+    )
+    params = dict(ratio=0.5, sink=2, window=6, observe=4, chunk=4)
+    with llmpatch.patched(model, "reform", **params):
+        wide = model.generate(x, **kw)
+    with llmpatch.patched(model, "reform", decode=2, **params):
+        narrow = model.generate(x, **kw)
+    torch.testing.assert_close(narrow.logits[0], wide.logits[0])  # the same gather and first token
+    torch.testing.assert_close(narrow.logits[1], wide.logits[1])  # 2 slots hold the first 2 new tokens
+    rings = {r for layer in caches.output_cache(narrow).layers if hasattr(layer, "ring") for r in layer.ring}
+    assert rings == {2}
+    saved = (caches.kv_report(caches.output_cache(c))["saved"] for c in (narrow, wide))
+    assert next(saved) > next(saved)
+
+
+@pytest.mark.parametrize(
+    "params", [{"ratio": 1.0}, {"pool": 2}, {"chunk": 0}, {"observe": 0}, {"decode": 0}, {"decode": 129}]
+)
 def test_bad_reform_input_leaves_model_untouched(params):
     model = tiny_model("llama")
     x = torch.tensor([PROMPTS[0]])

@@ -168,16 +168,20 @@ class RingLayer(DynamicLayer):
         self.values[bi, s] = v[bi, hi, ti]
         self.pos[bi, s] = p[bi, hi, ti]
 
-    def set_pins(self, counts: list[int], keep_ring: bool = True) -> None:
+    def set_pins(self, counts: list[int], keep_ring: bool = True, window: int | None = None) -> None:
         """Resize each compressed KV head's pinned slots to `counts[h]` (per-head budgets, `kvzip`), moving its
-        ring after them (or emptying it: `keep_ring=False`, when the pins take over what it held); the new
-        pinned slots start empty (filled by `pin`)."""
+        ring after them (or emptying it: `keep_ring=False`, when the pins take over what it held, and then
+        optionally resizing it for a new `window`: the slots later tokens keep); the new pinned slots start
+        empty (filled by `pin`)."""
+        if window is not None and keep_ring:
+            raise ValueError("set_pins: a ring is resized only when emptied (keep_ring=False)")
         new = [0 if r < 0 else int(c) for r, c in zip(self.ring, counts, strict=True)]
+        rings = [r if r < 0 or window is None else window + STEP - 1 for r in self.ring]
         keys, values, pos, offsets, caps, pins = self.keys, self.values, self.pos, self.offsets, self.caps, self.pins  # fmt: skip
         self.pos = None  # _layout: allocate only; the parts move below
-        self._layout([c if r < 0 else s + k + r for s, k, r, c in zip(self.sink, new, self.ring, caps, strict=True)],
+        self._layout([c if r < 0 else s + k + r for s, k, r, c in zip(self.sink, new, rings, caps, strict=True)],
                      keys.shape[0], keys.shape[2], values.shape[2], keys, values)  # fmt: skip
-        self.pins = new
+        self.pins, self.ring = new, rings
         for h, (s, r) in enumerate(zip(self.sink, self.ring, strict=True)):
             # (from, to, size) within the segment: all of a full head; else the sink, then the ring after the pins
             parts = (

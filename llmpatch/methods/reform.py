@@ -13,11 +13,12 @@ Long-Context Processing in Transformers", arXiv 2506.01215).
    among them: their keys and values replace the sparse pass's in the cache (the same tokens in every layer and
    KV head), and the logits of the prompt's last token come from this pass.
 So every kept entry is the one a dense prefill of the gathered tokens gives, and no entry is computed from a
-context the cache no longer holds. Each KV head also keeps a ring of `window` slots for what comes after the
-prompt (a later question, the answer), outside the ratio, as in `kvzip`; KV saved counts it.
+context the cache no longer holds. Each KV head also keeps a ring of `decode` slots (default: `window`; at most
+`window`) for what comes after the prompt (a later question, the answer), outside the ratio, as in `kvzip`; KV
+saved counts it.
 
 Defaults: ratio 0.75, sink 16, window 128, observe 64, chunk 16 (the pass-1 pattern and the selection window of
-`chunkkv`).
+`chunkkv`), pool 3, decode = window.
 Departures from REFORM: one sparse prefill instead of its recurrent chunked encoding with a compressed cache and
 early exit; tokens are gathered by the question's attention in the sparse pass (summed over chunks, as ChunkKV
 does) instead of the cosine similarity of cross-layer QKV embeddings; gathered as whole chunks; no prompt longer
@@ -58,8 +59,17 @@ class Reform(Method):
     observe: int = param(64, "an int >= 1 (the last prompt tokens that score the rest; they attend densely)",
                          lambda v: v >= 1)  # fmt: skip
     chunk: int = param(16, "an int >= 1 (consecutive prompt positions kept together)", lambda v: v >= 1)
+    decode: int | None = param(None, "null (= window) or an int in 1..window (ring slots for the tokens after the "
+                               "prompt: a later question, the answer)", lambda v: v >= 1)  # fmt: skip
     pool: int = param(3, "an odd int >= 1 (chunks: a chunk's score is the best in the `pool` chunks around it, so a "
                       "chunk's neighbours come with it)", lambda v: v >= 1 and v % 2 == 1)  # fmt: skip
+
+    def validate(self, spec):
+        if self.decode is not None and self.decode > self.window:
+            raise ParameterError(
+                f"reform: parameter 'decode' must be null (= window) or an int in 1..window ({self.window}), "
+                f"got {self.decode} (the decode queries keep the sparse pass's window)"
+            )
 
     def configure(self, spec, layers):
         h = spec.num_heads
@@ -137,7 +147,8 @@ class Reform(Method):
             picks = [((pos >= max(layer.sink)) & (own is None or pos > n - own)).nonzero().flatten()
                      for pos, _, _, n in rows]  # fmt: skip
             count = max(len(p) for p in picks)
-            layer.set_pins([count] * layer.num_kv_heads, keep_ring=False)  # the ring's tokens are pinned now
+            # the ring's tokens are pinned now; it holds the next `decode` tokens
+            layer.set_pins([count] * layer.num_kv_heads, keep_ring=False, window=self.decode)
             shape = (len(rows), layer.num_kv_heads, max(len(p) for p, _, _, _ in rows), layer.keys.shape[-1])
             keys = torch.zeros(shape, dtype=layer.keys.dtype)
             values, index = torch.zeros_like(keys), torch.full((*shape[:2], count), -1, dtype=torch.long)
