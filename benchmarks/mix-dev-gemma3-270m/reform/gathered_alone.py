@@ -1,8 +1,7 @@
 import json, torch, llmpatch, sys
-from llmpatch.evals import mix
 torch.set_num_threads(1)
 model, tok = llmpatch.load_model("gemma3-270m")
-samples = [json.loads(l) for l in open("/tmp/gdev/global/samples.dev.jsonl")]
+samples = [json.loads(l) for l in open(__import__("pathlib").Path(__file__).parent / "global" / "samples.dev.jsonl")]
 ratio, window = float(sys.argv[1]), int(sys.argv[2])
 ok_r = ok_c = 0
 for s in samples:
