@@ -1,19 +1,41 @@
-import json, torch, llmpatch, sys
-torch.set_num_threads(1)
-model, tok = llmpatch.load_model("gemma3-270m")
-samples = [json.loads(l) for l in open(__import__("pathlib").Path(__file__).parent / "global" / "samples.dev.jsonl")]
-ratio, window = float(sys.argv[1]), int(sys.argv[2])
-ok_r = ok_c = 0
-for s in samples:
-    ids = torch.tensor([s["context_ids"] + s["question_ids"]])
-    rec = {}
-    with llmpatch.patched(model, "reform", ratio=ratio, window=window, observe=window) as p:
-        m = p.methods[0]; ch = m._choose
-        m._choose = lambda sc: rec.setdefault("kept", ch(sc))
-        out = model.generate(ids, max_new_tokens=s["max_new_tokens"], do_sample=False)
-    g = ids[:, torch.cat([torch.arange(16), rec["kept"]])]
-    o2 = model.generate(g, max_new_tokens=s["max_new_tokens"], do_sample=False)
-    a, b = tok.decode(out[0, ids.shape[1]:]), tok.decode(o2[0, g.shape[1]:])
-    ok_r += s["answers"][0] in a; ok_c += s["answers"][0] in b
-    print(s["family"], s["answers"][0] in a, s["answers"][0] in b, repr(a[:30]), repr(b[:30]), flush=True)
-print("reform", ok_r, "contiguous", ok_c)
+"""reform on the Gemma-3 dev samples beside the unpatched model given only the tokens reform gathered (packed
+positions 0..K-1): `python gathered_alone.py RATIO WINDOW` (observe = window). Prints, per sample, whether each
+answers, then the two counts."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import llmpatch
+
+
+def main(ratio: float, window: int) -> None:
+    torch.set_num_threads(1)
+    model, tok = llmpatch.load_model("gemma3-270m")
+    lines = (Path(__file__).parent / "global" / "samples.dev.jsonl").read_text().splitlines()
+    right = {"reform": 0, "gathered alone": 0}
+    for sample in map(json.loads, lines):
+        ids = torch.tensor([sample["context_ids"] + sample["question_ids"]])
+        new = sample["max_new_tokens"]
+        picked = {}
+        with llmpatch.patched(model, "reform", ratio=ratio, window=window, observe=window) as patch:
+            method = patch.methods[0]
+            choose = method._choose
+            method._choose = lambda scores, choose=choose, picked=picked: picked.setdefault(
+                "kept", choose(scores)
+            )
+            out = model.generate(ids, max_new_tokens=new, do_sample=False)
+        gathered = ids[:, torch.cat([torch.arange(16), picked["kept"]])]
+        alone = model.generate(gathered, max_new_tokens=new, do_sample=False)
+        texts = {"reform": tok.decode(out[0, ids.shape[1] :]),
+                 "gathered alone": tok.decode(alone[0, gathered.shape[1] :])}  # fmt: skip
+        for key, text in texts.items():
+            right[key] += sample["answers"][0] in text
+        print(sample["family"], {k: sample["answers"][0] in t for k, t in texts.items()}, flush=True)
+    print(right)
+
+
+if __name__ == "__main__":
+    main(float(sys.argv[1]), int(sys.argv[2]))
