@@ -53,3 +53,22 @@ def test_gemma3_streamingllm_ring_on_its_sliding_layers(gemma3):
     report = caches.kv_report(caches.output_cache(out[True]))
     seen = n + 9
     assert report["saved"] == pytest.approx(1 - 18 * 320 / (15 * 511 + 3 * seen))
+
+
+def test_gemma3_reform_that_gathers_everything_decodes_as_dense(gemma3):
+    """reform's sparse pass (sink 16 + window 32) then a gather of every token (ratio 0): the sliding layers pin
+    what their window shows at its positions, so the tokens are the unpatched model's past the 512 window; a
+    real ratio then saves KV on the sliding layers too."""
+    from llmpatch import caches
+
+    model, tok = gemma3
+    enc = tok(SUITES["passkey"].sample(tok, 900, 0).prompt, return_tensors="pt")
+    want = model.generate(**enc, max_new_tokens=10, do_sample=False)
+    with llmpatch.patched(model, "reform", ratio=0.0, window=32, observe=32):
+        assert torch.equal(model.generate(**enc, max_new_tokens=10, do_sample=False), want)
+    with llmpatch.patched(model, "reform", ratio=0.8, window=32, observe=32):
+        out = model.generate(**enc, max_new_tokens=10, do_sample=False, return_dict_in_generate=True)
+    cache = caches.output_cache(out)
+    assert caches.kv_report(cache)["saved"] > 0.6
+    sliding = [layer for layer in cache.layers if getattr(layer.decision, "sliding_window", None)]
+    assert sliding and all(max(layer.pins) < 511 for layer in sliding)
