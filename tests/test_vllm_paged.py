@@ -113,5 +113,8 @@ def test_keeps_every_key_only_below_the_narrowest_window():
     d = LayerDecision(layer=0, num_heads=2)
     d.set_static("sink_window", [4, 0], [-1, 64])
     assert paged.keeps_every_key(d, 64) and not paged.keeps_every_key(d, 65)
+    assert not paged.keeps_every_key(d)  # at any length: the layer is not dense
+    d.set_static("sink_window", [4, 0], [-1, -1])
+    assert paged.keeps_every_key(d) and paged.keeps_every_key(d, 10**6)
     d.head_mask = HeadMask(torch.tensor([0, 0], dtype=torch.int8), prefill=False)
     assert not paged.keeps_every_key(d, 1)

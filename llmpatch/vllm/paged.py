@@ -15,11 +15,14 @@ from ..kernels import dispatch, rules
 from .served import group_spans
 
 
-def keeps_every_key(decision, length: int) -> bool:
-    """Whether a request of `length` tokens sees its whole pattern as causal attention: no head mask and no
-    window that drops a key (the largest query-key distance is length - 1). vLLM's own kernel computes it."""
+def keeps_every_key(decision, length: int | None = None) -> bool:
+    """Whether a request of `length` tokens (None: of any length) sees its whole pattern as causal attention: no
+    head mask and no window that drops a key (the largest query-key distance is length - 1). vLLM's own kernel
+    computes it; at any length the layer is dense and the plugin leaves it alone."""
     narrowest = decision.narrowest_window()
-    return decision.head_mask is None and (narrowest is None or not bool(rules.narrows(narrowest, length)))
+    if decision.head_mask is not None or narrowest is None:
+        return decision.head_mask is None
+    return length is not None and not bool(rules.narrows(narrowest, length))
 
 
 def kv_views(kv_cache: torch.Tensor):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import ParameterError
+from . import paged
 from . import served as _served
 
 _SERVED: dict = {}  # "value": Served or None (not configured)
@@ -52,8 +53,7 @@ def decision_for(layer, num_heads: int):
             if d.num_heads != num_heads:
                 raise ParameterError(f"tensor_parallel_size: layer {name} holds {num_heads} query heads but the "
                                      f"plan's cut gives {d.num_heads}")  # fmt: skip
-            dense = d.narrowest_window() is None and d.head_mask is None
-            d = None if dense else d
+            d = None if paged.keeps_every_key(d) else d
         _LAYERS[name] = d
     return _LAYERS[name]
 
