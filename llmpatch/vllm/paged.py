@@ -19,9 +19,11 @@ def keeps_every_key(decision, length: int | None = None) -> bool:
     """Whether a request of `length` tokens (None: of any length) sees its whole pattern as causal attention: no
     head mask and no window that drops a key (the largest query-key distance is length - 1). vLLM's own kernel
     computes it; at any length the layer is dense and the plugin leaves it alone."""
+    if decision.head_mask is not None:
+        return False
     narrowest = decision.narrowest_window()
-    if decision.head_mask is not None or narrowest is None:
-        return decision.head_mask is None
+    if narrowest is None:
+        return True
     return length is not None and not bool(rules.narrows(narrowest, length))
 
 
