@@ -98,4 +98,8 @@ def method_cases(layers: int, heads: int, backend: str | None) -> dict[str, tupl
             dict(ratio=0.5, sink=2, window=4, chunk=16, instruction=[5, 6, 7], scores=scores, top_k=3),
         ),  # fmt: skip
         "reform": ("reform", dict(ratio=0.5, sink=2, window=6, observe=4, chunk=4)),
+        "reform_zip": (
+            "reform_zip",
+            dict(ratio=0.5, sink=2, window=6, chunk=4, repeat=16, instruction=[5, 6, 7]),
+        ),
     }

@@ -48,6 +48,10 @@ CONFIGS = {
         {"ratio": 0.5, "sink": 2, "window": 3, "chunk": 16, "instruction": [5, 6, 7], "heads": [[1, 0]]},
     ),
     "reform": ({"ratio": 0.0}, {"ratio": 0.5, "sink": 2, "window": 3, "observe": 3, "chunk": 2}),
+    "reform_zip": (
+        {"ratio": 0.0, "instruction": [5, 6, 7]},
+        {"ratio": 0.5, "sink": 2, "window": 3, "chunk": 2, "repeat": 16, "top": 3, "instruction": [5, 6, 7]},
+    ),
     "longheads": (
         {"chunk_size": 4, "attention_length": 32, "block_size": 2},
         {"chunk_size": 4, "attention_length": 12, "block_size": 2},

@@ -171,3 +171,19 @@ def test_reform_keeps_the_passkey_with_a_quarter_of_the_cache(smollm2, passkey):
     assert PASSKEY.score(sample, text) == 1.0, text
     assert caches.kv_report(caches.output_cache(out))["saved"] > 0.4
     assert tracker.density < 0.6
+
+
+def test_reform_zip_answers_a_question_asked_after_the_cache_is_cut(smollm2):
+    """Protocol B on a held-out-mix dev sample (a number in prose, 1k): the cache is gathered by reconstruction
+    scores before the question arrives, half the prompt is dropped, and the answer survives."""
+    from llmpatch.evals import mix
+    from llmpatch.evals.accuracy import run_sample
+
+    model, tok = smollm2
+    sample = mix.make_sample(tok, "dev", 0, 1024, families=["niah_number"])
+    dense = run_sample(model, tok, sample, "B")
+    assert dense["score"] == 1.0, dense["output"]
+    with llmpatch.patched(model, "reform_zip", ratio=0.5):
+        got = run_sample(model, tok, sample, "B")
+    assert got["score"] == 1.0, got["output"]
+    assert got["kv_saved"] > 0.4

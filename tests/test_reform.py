@@ -1,6 +1,7 @@
-"""reform: the chosen positions (whole chunks, sink and window always, the budget), the cache after the gather
-equal to a dense prefill of the gathered tokens at their positions, the first answer token's logits from that
-pass, and bad input (the shared suite in test_methods.py covers dense parity, batches and remove())."""
+"""reform and reform_zip: the chosen positions (whole chunks, sink and window always, the budget), reform_zip's
+token scores from kvzip's repeat passes, the cache after the gather equal to a dense prefill of the gathered
+tokens at their positions, the first answer token's logits from that pass, and bad input (the shared suite in
+test_methods.py covers dense parity, batches and remove())."""
 
 import pytest
 import torch
@@ -28,12 +29,19 @@ def test_choose_keeps_whole_chunks_with_their_neighbours_within_the_budget():
     )  # whole chunks
 
 
-def test_the_cache_is_a_dense_prefill_of_the_gathered_tokens():
+LEAD = [5, 6, 7]
+
+
+@pytest.mark.parametrize(
+    "method,params",
+    [("reform", {"observe": 4}), ("reform_zip", {"repeat": 16, "instruction": LEAD})],
+)
+def test_the_cache_is_a_dense_prefill_of_the_gathered_tokens(method, params):
     model = tiny_model("llama")
     x = torch.tensor([PROMPTS[0] * 3])  # 60 tokens
-    params = dict(ratio=0.5, sink=2, window=6, observe=4, chunk=4)
+    params = dict(ratio=0.5, sink=2, window=6, chunk=4, **params)
     chosen = {}
-    with llmpatch.patched(model, "reform", **params) as patch:
+    with llmpatch.patched(model, method, **params) as patch:
         method = patch.methods[0]
         choose = method._choose
         method._choose = lambda s: chosen.setdefault("kept", choose(s))
@@ -95,13 +103,40 @@ def test_decode_sizes_the_ring_after_the_gather_only():
     assert next(saved) > next(saved)
 
 
+def test_reform_zip_scores_a_token_by_its_best_repeat_scores():
+    """reform_zip's token scores: the sum of each token's `top` best (layer, KV head) importances from kvzip's
+    repeat passes (tested against eager attention in test_kvzip.py) over the dense prompt's keys and values."""
+    model = tiny_model("llama")
+    x = torch.tensor([PROMPTS[0] * 2])
+    spec = llmpatch.detect(model)
+    with torch.no_grad():
+        prompt = caches.output_cache(model(x, use_cache=True))
+    stash = {i: (layer.keys, layer.values) for i, layer in enumerate(prompt.layers)}
+    with llmpatch.patched(model, "kvzip", sink=2, chunk=16, instruction=LEAD) as p:
+        per_head = p.methods[0]._score(model.model, x, stash, (LEAD, LEAD, []), spec)
+    want = per_head.flatten(0, 1).topk(3, dim=0).values.sum(0)
+    seen = {}
+    with llmpatch.patched(model, "reform_zip", ratio=0.5, sink=2, window=4, chunk=2, repeat=16, top=3,
+                          instruction=LEAD) as patch:  # fmt: skip
+        method = patch.methods[0]
+        choose = method._choose
+        method._choose = lambda s: choose(seen.setdefault("scores", s))
+        with torch.no_grad():
+            model(x, use_cache=True)
+    torch.testing.assert_close(seen["scores"], want, atol=1e-5, rtol=1e-4)
+    assert not method._stashed  # the dense prompt's keys are not held past the gather
+
+
 @pytest.mark.parametrize(
-    "params", [{"ratio": 1.0}, {"pool": 2}, {"chunk": 0}, {"observe": 0}, {"decode": 0}, {"decode": 129}]
-)
-def test_bad_reform_input_leaves_model_untouched(params):
+    "method,params",
+    [("reform", {"ratio": 1.0}), ("reform", {"pool": 2}), ("reform", {"chunk": 0}), ("reform", {"observe": 0}),
+     ("reform", {"decode": 0}), ("reform", {"decode": 129}), ("reform_zip", {"observe": 32}),
+     ("reform_zip", {"repeat": 0}), ("reform_zip", {"top": 0}), ("reform_zip", {"decode": 129})],
+)  # fmt: skip
+def test_bad_reform_input_leaves_model_untouched(method, params):
     model = tiny_model("llama")
     x = torch.tensor([PROMPTS[0]])
     before = model(x).logits
     with pytest.raises(ParameterError, match=next(iter(params))):
-        llmpatch.apply(model, "reform", **params)
+        llmpatch.apply(model, method, **params)
     assert torch.equal(model(x).logits, before)

@@ -14,6 +14,7 @@ from .longheads import LongHeads
 from .moa import MoA
 from .moa_chunkkv import MoAChunkKV
 from .reform import Reform
+from .reform_zip import ReformZip
 from .retrieval_kv import RetrievalKV
 from .retrieval_mask import RetrievalMask
 from .sink_window import SinkWindow
@@ -36,6 +37,7 @@ REGISTRY: dict[str, type[Method]] = {
     KVzip.name: KVzip,
     KVzipHeads.name: KVzipHeads,
     Reform.name: Reform,
+    ReformZip.name: ReformZip,
 }
 
 

@@ -118,48 +118,13 @@ class KVzip(Method):
             cache.layers[i].pin(index.to(k.device), k, v)
 
     def _lead(self, inner) -> tuple[list[int], list[int], list[int]]:
-        """Token ids before the first chunk, before a later one (then the previous chunk's last tokens), and the
-        assistant turn's opening after either."""
-        if self.instruction is not None:
-            return list(self.instruction), list(self.instruction), []
         if self._lead_ids is None:  # the tokenizer is read once per patch
-            tok = _tokenizer(inner)
-            first, later = (tok.encode(t, add_special_tokens=False) for t in INSTRUCTION)
-            self._lead_ids = first, later, _assistant_prefix(tok)
+            self._lead_ids = lead_ids(inner, self.instruction)
         return self._lead_ids
 
     def _score(self, inner, ids, stash, lead, spec) -> torch.Tensor:
-        """[managed layers, Hkv, N]: each prompt token's importance from the repeat passes (one row)."""
-        from transformers import DynamicCache
-
-        from ..caches import cache_argument
-
-        n = ids.shape[1]
-        scores = torch.zeros(len(self._managed), spec.local_kv_heads, n)
-        saved = [(layer.taps.profiler, layer.taps.tracker) for layer in self._layers]
-        first, later, suffix = lead
-        try:
-            for lo in range(min(self.sink, n), n, self.chunk):
-                hi = min(lo + self.chunk, n)
-                head = (
-                    first if lo == self.sink else later + ids[0, max(self.sink, lo - OVERLAP) : lo].tolist()
-                )
-                rep = torch.cat(
-                    [torch.tensor([head + suffix], dtype=ids.dtype, device=ids.device), ids[:, lo:hi]], 1
-                )
-                for layer, (_, tracker) in zip(self._layers, saved, strict=True):
-                    rows = self._managed.index(layer.layer) if layer.layer in self._managed else None
-                    layer.taps.profiler = _scorer(scores, rows, self.sink, lo, hi, n, tracker)
-                    layer.taps.tracker = None
-                replay = DynamicCache()  # the row's prompt keys and values, fresh for each pass
-                for i, (k, v) in sorted(stash.items()):
-                    replay.update(k, v, i)
-                pos = torch.arange(n, n + rep.shape[1], device=ids.device)[None]
-                inner(input_ids=rep, position_ids=pos, use_cache=True, **{cache_argument(inner): replay})
-        finally:
-            for layer, (profiler, tracker) in zip(self._layers, saved, strict=True):
-                layer.taps.profiler, layer.taps.tracker = profiler, tracker
-        return scores
+        return repeat_scores(inner, ids, stash, lead, self._layers, self._managed, self.sink, self.chunk,
+                             spec.local_kv_heads)  # fmt: skip
 
     def _choose(self, scores: torch.Tensor) -> torch.Tensor:
         """[layers, Hkv, N] bool: the last `window` prompt tokens and the best-scored others, so that with the
@@ -179,6 +144,48 @@ class KVzip(Method):
             chosen = torch.zeros(free.numel(), dtype=torch.bool)
             chosen[free.flatten().topk(min(max(0, budget), free.numel())).indices] = True
         return (chosen.view_as(free) & (free >= 0)) | recent
+
+
+def lead_ids(inner, instruction=None) -> tuple[list[int], list[int], list[int]]:
+    """Token ids before the first chunk, before a later one (then the previous chunk's last tokens), and the
+    assistant turn's opening after either: `instruction` for both if given, else the paper's in the chat turn."""
+    if instruction is not None:
+        return list(instruction), list(instruction), []
+    tok = _tokenizer(inner)
+    first, later = (tok.encode(t, add_special_tokens=False) for t in INSTRUCTION)
+    return first, later, _assistant_prefix(tok)
+
+
+def repeat_scores(inner, ids, stash, lead, layers, managed, sink: int, chunk: int, hkv: int) -> torch.Tensor:
+    """[len(managed), Hkv, N]: each prompt token's importance for each KV head of the `managed` layers, from the
+    repeat passes over one row's prompt `ids` [1, N] whose keys and values are `stash` {layer: (k, v)}."""
+    from transformers import DynamicCache
+
+    from ..caches import cache_argument
+
+    n = ids.shape[1]
+    scores = torch.zeros(len(managed), hkv, n)
+    saved = [(layer.taps.profiler, layer.taps.tracker) for layer in layers]
+    first, later, suffix = lead
+    try:
+        for lo in range(min(sink, n), n, chunk):
+            hi = min(lo + chunk, n)
+            head = first if lo == sink else later + ids[0, max(sink, lo - OVERLAP) : lo].tolist()
+            rep = torch.cat(
+                [torch.tensor([head + suffix], dtype=ids.dtype, device=ids.device), ids[:, lo:hi]], 1
+            )
+            for layer, (_, tracker) in zip(layers, saved, strict=True):
+                row = managed.index(layer.layer) if layer.layer in managed else None
+                layer.taps.profiler, layer.taps.tracker = _scorer(scores, row, sink, lo, hi, n, tracker), None
+            replay = DynamicCache()  # the row's prompt keys and values, fresh for each pass
+            for i, (k, v) in sorted(stash.items()):
+                replay.update(k, v, i)
+            pos = torch.arange(n, n + rep.shape[1], device=ids.device)[None]
+            inner(input_ids=rep, position_ids=pos, use_cache=True, **{cache_argument(inner): replay})
+    finally:
+        for layer, (profiler, tracker) in zip(layers, saved, strict=True):
+            layer.taps.profiler, layer.taps.tracker = profiler, tracker
+    return scores
 
 
 def _scorer(scores, row, sink: int, lo: int, hi: int, n: int, tracker):
