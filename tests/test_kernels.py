@@ -434,3 +434,25 @@ def test_nan_and_inf_give_the_same_nan_rows_on_every_backend(
         assert torch.equal(got.isnan(), want.isnan()), (backend, got.isnan().any(-1), want.isnan().any(-1))
         fin = ~want.isnan()
         torch.testing.assert_close(got[fin], want[fin], atol=1e-4, rtol=1e-4)
+
+
+def test_the_checkouts_kernels_folder_does_not_shadow_the_kernels_package(tmp_path):
+    """`python -m ...` in a checkout puts its root on sys.path, where kernels/ (llmpatch.kernels) would take the
+    name `kernels` from the package transformers >= 5.25 imports: imported by that name it hands it over."""
+    import importlib.metadata
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    code = "import kernels, llmpatch.kernels; print(kernels.__file__); print(llmpatch.kernels.attention.__module__)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        assert done.returncode != 0 and "No module named 'kernels'" in done.stderr, done.stderr[-2000:]
+        return
+    assert done.returncode == 0, done.stderr[-2000:]
+    where, attention = done.stdout.split()
+    assert not Path(where).resolve().is_relative_to(root / "kernels")
+    assert attention == "llmpatch.kernels.dispatch"

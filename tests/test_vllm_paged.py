@@ -7,8 +7,8 @@ from __future__ import annotations
 import hypothesis.strategies as st
 import torch
 from hypothesis import given, settings
+from llmpatch.kernels import reference
 
-from kernels import reference
 from llmpatch.decisions import HeadMask, LayerDecision
 from llmpatch.vllm import paged
 
