@@ -69,7 +69,7 @@ class KVzip(Method):
         self._layers, self._stashed, self._busy, self._lead_ids = layers, {}, False, None
 
     def install(self, model, spec, layers):
-        inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        inner = decoder(model)
 
         def before(ids, fresh):
             self._ids = ids
@@ -144,6 +144,11 @@ class KVzip(Method):
             chosen = torch.zeros(free.numel(), dtype=torch.bool)
             chosen[free.flatten().topk(min(max(0, budget), free.numel())).indices] = True
         return (chosen.view_as(free) & (free >= 0)) | recent
+
+
+def decoder(model):
+    """The model's decoder stack (what the repeat passes run, without the LM head)."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.model
 
 
 def lead_ids(inner, instruction=None) -> tuple[list[int], list[int], list[int]]:

@@ -129,9 +129,10 @@ class Reform(Method):
             raise ParameterError(
                 "reform: the prompt must come as input_ids (its chosen tokens are run again)"
             )
+        scores = self._token_scores(model, ids)
         rows = []
         for row, start in enumerate(self._starts):  # each row alone: a batch row keeps what batch 1 keeps
-            kept = self._choose(self._row_scores(model, ids, row, start))
+            kept = self._choose(scores[row, start:])
             pos = torch.cat([torch.arange(min(self.sink, ids.shape[1] - start)), kept])
             keys, values, logits = self._recompute(model, ids[row : row + 1, start:], pos)
             rows.append((pos, keys, values, ids.shape[1] - start))
@@ -159,9 +160,9 @@ class Reform(Method):
         if any(w is not None for w in self._own):
             self._lift(-1)
 
-    def _row_scores(self, model, ids, row: int, start: int) -> torch.Tensor:
-        """[N]: one row's prompt token scores (every rank the same: the best head over all ranks' heads)."""
-        return all_gather_heads(self._scores[row : row + 1, None], self._shard, 1).amax(1)[0, start:]
+    def _token_scores(self, model, ids) -> torch.Tensor:
+        """[B, N]: the prompt tokens' scores (every rank the same: the best head over all ranks' heads)."""
+        return all_gather_heads(self._scores[:, None], self._shard, 1).amax(1)
 
     def _choose(self, scores: torch.Tensor) -> torch.Tensor:
         """The prompt positions pinned (sorted): the best-scored whole chunks after the sink and the last `window`,

@@ -33,7 +33,7 @@ import torch
 from ..errors import ParameterError
 from ..sharding import all_gather_heads
 from .base import param
-from .kvzip import lead_ids, repeat_scores
+from .kvzip import decoder, lead_ids, repeat_scores
 from .reform import Reform
 
 DENSE = 2**62  # a tail longer than any prompt: every prompt row attends densely
@@ -81,15 +81,17 @@ class ReformZip(Reform):
         finally:
             self._stashed = {}  # the dense prompt's keys and values are not kept past the gather
 
-    def _row_scores(self, model, ids, row: int, start: int) -> torch.Tensor:
-        inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    def _token_scores(self, model, ids) -> torch.Tensor:
+        """[B, N]: each row's prompt tokens scored alone (zeros before its first real slot)."""
+        inner = decoder(model)
         if self._lead_ids is None:  # the tokenizer is read once per patch
             self._lead_ids = lead_ids(inner, self.instruction)
-        stash = {
-            i: (k[row : row + 1, :, start:], v[row : row + 1, :, start:])
-            for i, (k, v) in self._stashed.items()
-        }
-        scores = repeat_scores(inner, ids[row : row + 1, start:], stash, self._lead_ids, self._layers,
-                               self._managed, self.sink, self.repeat, self._hkv)  # fmt: skip
-        scores = all_gather_heads(scores, self._shard, 1).flatten(0, 1)  # [layers * all KV heads, N]
-        return scores.topk(min(self.top, scores.shape[0]), dim=0).values.sum(0)
+        out = torch.zeros(ids.shape)
+        for row, start in enumerate(self._starts):
+            stash = {i: (k[row : row + 1, :, start:], v[row : row + 1, :, start:]) for i, (k, v) in
+                     self._stashed.items()}  # fmt: skip
+            scores = repeat_scores(inner, ids[row : row + 1, start:], stash, self._lead_ids, self._layers,
+                                   self._managed, self.sink, self.repeat, self._hkv)  # fmt: skip
+            scores = all_gather_heads(scores, self._shard, 1).flatten(0, 1)  # [layers * all KV heads, N]
+            out[row, start:] = scores.topk(min(self.top, scores.shape[0]), dim=0).values.sum(0)
+        return out
