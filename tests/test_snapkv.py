@@ -20,18 +20,29 @@ def test_keep_zero_is_streamingllm_with_the_same_tail(family):
     x = torch.tensor([PROMPT])
     with llmpatch.patched(model, "streamingllm", sink=2, window=6, tail=4):
         want = model.generate(x, **KW)
-    with llmpatch.patched(model, "snapkv", sink=2, window=6, keep=0, tail=4):
+    with llmpatch.patched(model, "snapkv", sink=2, window=6, keep=0, tail=4, sliding=True):
         assert torch.equal(model.generate(x, **KW), want)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
-def test_pinning_every_dropped_token_gives_a_dense_decode_over_the_sparse_prefill(family):
+@pytest.mark.parametrize(
+    "family,sliding", [("llama", False), ("qwen3", False), ("gemma3_text", False), ("gemma3_text", True)]
+)
+def test_pinning_every_dropped_token_gives_a_dense_decode_over_the_sparse_prefill(family, sliding):
+    """Gemma-3's own sliding-window layers are left as they are unless `sliding` (then they are cut too)."""
     model = tiny_model(family)
+    spec = llmpatch.detect(model)
     x = torch.tensor([PROMPT])
-    with llmpatch.patched(model, "snapkv", sink=2, window=6, keep=len(PROMPT), tail=4, observe=3):
+    kw = dict(sink=2, window=6, keep=len(PROMPT), tail=4, observe=3, sliding=sliding)
+    with llmpatch.patched(model, "snapkv", **kw) as p:
         got = model.generate(x, **KW)
+        own = [type(layer).__name__ for layer in caches.output_cache(model(x, use_cache=True)).layers]
+    local = [i for i, w in enumerate(spec.sliding_window) if w is not None]
+    assert (family == "gemma3_text") == bool(local)
+    assert all((own[i] == "RingLayer") == sliding for i in local)
     # the twin: the same sparse prefill over a full cache, then every decode step dense
     with llmpatch.patched(model, "streamingllm", sink=2, window=6, tail=4, ring=False) as p:
+        for i in [] if sliding else local:  # the model's own window only
+            p.layers[i].window = torch.full_like(p.layers[i].window, -1)
         out = model(x, use_cache=True)
         cache, ids = caches.output_cache(out), x
         for layer in p.layers:

@@ -22,7 +22,7 @@ import dataclasses
 from ..decisions import Kind
 from .base import param
 from .chunkkv import ChunkPins
-from .shared import ScoredHeads, kept_heads, tail_param
+from .shared import ScoredHeads, compressed_layers, kept_heads, sliding_param, tail_param
 
 
 @dataclasses.dataclass
@@ -40,9 +40,7 @@ class RetrievalKV(ScoredHeads, ChunkPins):
                              lambda v: v > 0)  # fmt: skip
     sink: int = param(64, "an int >= 0", lambda v: v >= 0)
     recent: int = param(256, "an int >= 1", lambda v: v >= 1)
-    sliding: bool = param(
-        False, "false (leave the model's own sliding-window layers) or true (compress them too)"
-    )
+    sliding: bool = sliding_param()
     tail: int = tail_param()
 
     def validate(self, spec):
@@ -55,7 +53,7 @@ class RetrievalKV(ScoredHeads, ChunkPins):
         """{layer: KV heads kept in full} for the layers that are compressed (no own sliding window, unless
         `sliding`)."""
         g = spec.num_heads // spec.num_kv_heads
-        full = {i: set() for i in range(spec.num_layers) if self.sliding or spec.sliding_window[i] is None}
+        full = {i: set() for i in compressed_layers(spec, self.sliding)}
         for li, hi in self.kept(spec):
             if li in full:
                 full[li].add(hi // g)

@@ -14,7 +14,8 @@ Defaults: sink 16, window 128, keep 192 (336 tokens: 67% KV saved at 1k), observ
 tail 64, pool 7 (max pooling).
 Departures: SnapKV prefills densely; here only the tail does. The selection is per KV head (GQA: scores summed
 over the group, as kvpress does). Pinned tokens are read like sinks (the ring publishes them at position 0). Layers
-with the model's own sliding window keep their own bounded cache. Selection happens once per prompt: protocol B
+with the model's own sliding window keep their own bounded cache (kvpress's Gemma-3 rule) unless `sliding` is true
+(default false). Selection happens once per prompt: protocol B
 (the question after the context) selects with the context's last `observe` tokens.
 """
 
@@ -26,7 +27,7 @@ import torch
 
 from ..kernels import rules
 from .base import param
-from .shared import ElasticSinkWindow
+from .shared import ElasticSinkWindow, compressed_layers, sliding_param
 
 
 @dataclasses.dataclass
@@ -47,16 +48,17 @@ class SnapKV(ElasticSinkWindow):
     tail: int = param(64, "an int >= 1 (last prompt tokens that attend densely; >= the prompt: a dense prefill)",
                       lambda v: v >= 1)  # fmt: skip
     pool: int = param(7, "an odd int >= 1 (max-pool width over the scores)", lambda v: v >= 1 and v % 2 == 1)
+    sliding: bool = sliding_param()
 
     def spans(self, spec):
         h = spec.num_heads
         pattern = (torch.full((h,), self.sink), torch.full((h,), self.window))
-        return lambda n: {i: pattern for i in range(spec.num_layers)}
+        return lambda n: {i: pattern for i in compressed_layers(spec, self.sliding)}
 
     def configure(self, spec, layers):
         super().configure(spec, layers)
-        for layer in layers:
-            layer.pins, layer.select = self.keep, self.select
+        for i in compressed_layers(spec, self.sliding):
+            layers[i].pins, layers[i].select = self.keep, self.select
 
     def smooth(self, scores, k_pos, dropped):
         """SnapKV's clustering: a max-pool of width `pool` over each KV head's scores [B, Hkv, N]."""
