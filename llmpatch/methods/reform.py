@@ -83,23 +83,24 @@ class Reform(Method):
         for layer in whole or layers:
             layer.select = self._score
         self._layers, self._scores, self._busy, self._ids, self._shard = layers, None, False, None, spec.shard
+        self._prompt_in = False  # a prompt's pass has run its selection hook: gather after this forward
         self._heads, self._lifted = h, False
 
     def install(self, model, spec, layers):
         def before(ids, fresh):
             if self._busy:
                 return
-            self._ids, self._scores = ids, None
+            self._ids, self._scores, self._prompt_in = ids, None, False
             if fresh and self._lifted:  # a new prompt: the sliding layers' sparse pattern again
                 self._lift(None)
 
         def after(out, cache):
-            if self._scores is not None and not self._busy:
+            if self._prompt_in and not self._busy:
                 try:
                     self._busy = True
                     self._gather(model, out, cache)
                 finally:
-                    self._busy, self._scores = False, None
+                    self._busy, self._scores, self._prompt_in = False, None, False
 
         return install_after_prompt(model, spec, layers, before, after)
 
@@ -121,7 +122,7 @@ class Reform(Method):
         probs, _, _ = observed(q, k, mask, scale, softcap, self.observe)
         scores = probs.sum(2).amax(1).cpu()  # [B, N]: the head that attends to a token most
         self._scores = scores if self._scores is None else torch.maximum(self._scores, scores)
-        self._starts = mask.row_start(q.shape[0], q.device).tolist()
+        self._starts, self._prompt_in = mask.row_start(q.shape[0], q.device).tolist(), True
 
     def _gather(self, model, out, cache) -> None:
         ids = self._ids

@@ -72,8 +72,7 @@ class ReformZip(Reform):
     def _stash(self, decision, q, k, v, mask, scale, softcap) -> None:
         if not self._busy:
             self._stashed[decision.layer] = (k, v)
-            self._starts = mask.row_start(q.shape[0], q.device).tolist()
-            self._scores = True  # the prompt is in: gather after this forward
+            self._starts, self._prompt_in = mask.row_start(q.shape[0], q.device).tolist(), True
 
     def _gather(self, model, out, cache) -> None:
         try:
