@@ -24,6 +24,7 @@ attention computed` counts them (docs/METHODS.md §9).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -32,7 +33,7 @@ from ..errors import ParameterError
 from ..kernels import rules
 from ..sharding import all_gather_heads
 from .base import Method, param
-from .shared import install_after_prompt
+from .shared import compressed_layers, install_after_prompt
 
 INSTRUCTION = ("\n\nRepeat the previous context exactly.",
                "\n\nRepeat the part of the previous context exactly, starting with")  # fmt: skip
@@ -59,14 +60,14 @@ class KVzip(Method):
 
     def configure(self, spec, layers):
         h = spec.num_heads
-        self._managed = [i for i in range(spec.num_layers) if spec.sliding_window[i] is None]
+        self._managed = compressed_layers(spec, sliding=False)
         for i in self._managed:  # the prompt attends densely (tail = all); the cache keeps sink + pins + ring
             ring = torch.full((h,), self.decode or self.window)
             layers[i].set_static(self.name, torch.full((h,), self.sink), ring, 2**62)
             layers[i].claim(Kind.HEAD_MASK, self.name)  # the ring cache path does not apply it yet
         for layer in layers:  # every layer's prompt keys feed the repeat passes
             layer.select = self._stash
-        self._layers, self._stashed, self._busy, self._lead_ids = layers, {}, False, None
+        self._layers, self._stashed, self._busy = layers, {}, False
 
     def install(self, model, spec, layers):
         inner = decoder(model)
@@ -96,7 +97,7 @@ class KVzip(Method):
                 "kvzip: the prompt must come as input_ids (it is repeated to score the cache)"
             )
         starts = next(iter(self._stashed.values()))[2]
-        lead = self._lead(inner)
+        lead = lead_ids(inner, self.instruction)
         chosen = []
         for row, start in enumerate(starts):  # each row alone, so a batch row keeps what batch 1 keeps
             prompt = ids[row : row + 1, start:]
@@ -116,11 +117,6 @@ class KVzip(Method):
                     index[row, h, : kept.numel()] = kept
             cache.layers[i].set_pins(counts, keep_ring=False)  # the ring held the recent tokens: now pinned
             cache.layers[i].pin(index.to(k.device), k, v)
-
-    def _lead(self, inner) -> tuple[list[int], list[int], list[int]]:
-        if self._lead_ids is None:  # the tokenizer is read once per patch
-            self._lead_ids = lead_ids(inner, self.instruction)
-        return self._lead_ids
 
     def _score(self, inner, ids, stash, lead, spec) -> torch.Tensor:
         return repeat_scores(inner, ids, stash, lead, self._layers, self._managed, self.sink, self.chunk,
@@ -156,9 +152,14 @@ def lead_ids(inner, instruction=None) -> tuple[list[int], list[int], list[int]]:
     assistant turn's opening after either: `instruction` for both if given, else the paper's in the chat turn."""
     if instruction is not None:
         return list(instruction), list(instruction), []
-    tok = _tokenizer(inner)
+    return tuple(list(part) for part in _paper_lead(getattr(inner.config, "_name_or_path", "")))
+
+
+@functools.lru_cache(maxsize=8)  # the tokenizer is read once per model path
+def _paper_lead(path: str) -> tuple[tuple[int, ...], ...]:
+    tok = _tokenizer(path)
     first, later = (tok.encode(t, add_special_tokens=False) for t in INSTRUCTION)
-    return first, later, _assistant_prefix(tok)
+    return tuple(first), tuple(later), tuple(_assistant_prefix(tok))
 
 
 def repeat_scores(inner, ids, stash, lead, layers, managed, sink: int, chunk: int, hkv: int) -> torch.Tensor:
@@ -230,10 +231,9 @@ def _scorer(scores, row, sink: int, lo: int, hi: int, n: int, tracker):
     return tap
 
 
-def _tokenizer(inner):
+def _tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    path = getattr(inner.config, "_name_or_path", "")
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 - any loader failure is the same user-facing problem

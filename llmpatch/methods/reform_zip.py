@@ -67,7 +67,7 @@ class ReformZip(Reform):
             layer.select = self._stash
         whole = [layer.layer for layer in layers if self._own[layer.layer] is None]
         self._managed = whole or [layer.layer for layer in layers]
-        self._stashed, self._lead_ids, self._hkv = {}, None, spec.local_kv_heads
+        self._stashed, self._hkv = {}, spec.local_kv_heads
 
     def _stash(self, decision, q, k, v, mask, scale, softcap) -> None:
         if not self._busy:
@@ -83,13 +83,12 @@ class ReformZip(Reform):
     def _token_scores(self, model, ids) -> torch.Tensor:
         """[B, N]: each row's prompt tokens scored alone (zeros before its first real slot)."""
         inner = decoder(model)
-        if self._lead_ids is None:  # the tokenizer is read once per patch
-            self._lead_ids = lead_ids(inner, self.instruction)
+        lead = lead_ids(inner, self.instruction)
         out = torch.zeros(ids.shape)
         for row, start in enumerate(self._starts):
             stash = {i: (k[row : row + 1, :, start:], v[row : row + 1, :, start:]) for i, (k, v) in
                      self._stashed.items()}  # fmt: skip
-            scores = repeat_scores(inner, ids[row : row + 1, start:], stash, self._lead_ids, self._layers,
+            scores = repeat_scores(inner, ids[row : row + 1, start:], stash, lead, self._layers,
                                    self._managed, self.sink, self.repeat, self._hkv)  # fmt: skip
             scores = all_gather_heads(scores, self._shard, 1).flatten(0, 1)  # [layers * all KV heads, N]
             out[row, start:] = scores.topk(min(self.top, scores.shape[0]), dim=0).values.sum(0)
