@@ -33,7 +33,7 @@ def test_pinning_every_dropped_token_gives_a_dense_decode_over_the_sparse_prefil
     spec = llmpatch.detect(model)
     x = torch.tensor([PROMPT])
     kw = dict(sink=2, window=6, keep=len(PROMPT), tail=4, observe=3, sliding=sliding)
-    with llmpatch.patched(model, "snapkv", **kw) as p:
+    with llmpatch.patched(model, "snapkv", **kw):
         got = model.generate(x, **KW)
         own = [type(layer).__name__ for layer in caches.output_cache(model(x, use_cache=True)).layers]
     local = [i for i, w in enumerate(spec.sliding_window) if w is not None]

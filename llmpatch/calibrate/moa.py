@@ -401,11 +401,13 @@ def search(model, tokenizer, *, density, lengths: list[int], validate_length: in
     """One plan search; `density` a list gives one result per budget from the same profile."""
     import llmpatch
 
+    from ..methods.base import compressed_layers
+
     spec = llmpatch.detect(model)
     budgets = check_search(density, lengths, validate_length, gqa, data, spec.max_position_embeddings)
     t0 = time.perf_counter()
     configs, scale = search_space(lengths)
-    searched = [li for li in range(spec.num_layers) if spec.sliding_window[li] is None]
+    searched = compressed_layers(spec)  # the model's own sliding-window layers are not searched
     losses, profiles = {}, {}
     for n in lengths:
         answered = dense_answers(model, tokenizer, prompts(tokenizer, n, samples, seed, haystack, data))
@@ -501,9 +503,10 @@ def _kv_fraction(params, spec, n) -> float:
 
 def _plan_density(params, spec, n) -> float:
     """MoA density over every head at length n (sliding-window layers at their window's)."""
+    from ..methods.base import compressed_layers
     from ..methods.moa import density_at
 
-    searched = [i for i in range(spec.num_layers) if spec.sliding_window[i] is None]
+    searched = compressed_layers(spec)
     heads, used = _fixed(spec, n)
     total = len(searched) * spec.num_heads
     inner = (

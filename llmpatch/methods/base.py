@@ -119,11 +119,17 @@ def check_layers(method: str, layers, spec: ModelSpec) -> list[int]:
     return list(layers)
 
 
+def compressed_layers(spec: ModelSpec, sliding: bool = False) -> list[int]:
+    """The layers without the model's own sliding window (a cache method cuts these), or every layer if
+    `sliding`. Leaving the local layers is also kvpress's rule for Gemma-3."""
+    return [i for i in range(spec.num_layers) if sliding or spec.sliding_window[i] is None]
+
+
 def full_attention_layers(method: str, layers, spec: ModelSpec) -> list[int]:
     """The layers a method that replaces attention applies to: the given ones (None = every layer without the
     model's own sliding window), refusing sliding-window layers."""
     if layers is None:
-        return [i for i in range(spec.num_layers) if spec.sliding_window[i] is None]
+        return compressed_layers(spec)
     chosen = check_layers(method, layers, spec)
     local = [i for i in chosen if spec.sliding_window[i] is not None]
     if local:

@@ -32,8 +32,8 @@ from ..decisions import Kind
 from ..errors import ParameterError
 from ..kernels import rules
 from ..sharding import all_gather_heads
-from .base import Method, param
-from .shared import compressed_layers, install_after_prompt
+from .base import Method, compressed_layers, param
+from .shared import install_after_prompt
 
 INSTRUCTION = ("\n\nRepeat the previous context exactly.",
                "\n\nRepeat the part of the previous context exactly, starting with")  # fmt: skip
@@ -60,7 +60,7 @@ class KVzip(Method):
 
     def configure(self, spec, layers):
         h = spec.num_heads
-        self._managed = compressed_layers(spec, sliding=False)
+        self._managed = compressed_layers(spec)
         for i in self._managed:  # the prompt attends densely (tail = all); the cache keeps sink + pins + ring
             ring = torch.full((h,), self.decode or self.window)
             layers[i].set_static(self.name, torch.full((h,), self.sink), ring, 2**62)

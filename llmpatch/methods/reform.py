@@ -82,6 +82,7 @@ class Reform(Method):
         # the layers that read the whole prompt score it (all of them when every layer slides)
         for layer in whole or layers:
             layer.select = self._score
+        self._scoring = [layer.layer for layer in whole or layers]
         self._layers, self._scores, self._busy, self._ids, self._shard = layers, None, False, None, spec.shard
         self._prompt_in = False  # a prompt's pass has run its selection hook: gather after this forward
         self._heads, self._lifted = h, False

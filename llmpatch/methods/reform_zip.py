@@ -65,8 +65,6 @@ class ReformZip(Reform):
         for layer in layers:  # a dense prompt; every layer's keys and values feed the repeat passes
             layer.set_static(self.name, torch.full((h,), self.sink), torch.full((h,), self.window), DENSE)
             layer.select = self._stash
-        whole = [layer.layer for layer in layers if self._own[layer.layer] is None]
-        self._managed = whole or [layer.layer for layer in layers]
         self._stashed, self._hkv = {}, spec.local_kv_heads
 
     def _stash(self, decision, q, k, v, mask, scale, softcap) -> None:
@@ -89,7 +87,7 @@ class ReformZip(Reform):
             stash = {i: (k[row : row + 1, :, start:], v[row : row + 1, :, start:]) for i, (k, v) in
                      self._stashed.items()}  # fmt: skip
             scores = repeat_scores(inner, ids[row : row + 1, start:], stash, lead, self._layers,
-                                   self._managed, self.sink, self.repeat, self._hkv)  # fmt: skip
+                                   self._scoring, self.sink, self.repeat, self._hkv)  # fmt: skip
             scores = all_gather_heads(scores, self._shard, 1).flatten(0, 1)  # [layers * all KV heads, N]
             out[row, start:] = scores.topk(min(self.top, scores.shape[0]), dim=0).values.sum(0)
         return out

@@ -20,9 +20,9 @@ from __future__ import annotations
 import dataclasses
 
 from ..decisions import Kind
-from .base import param
+from .base import compressed_layers, param
 from .chunkkv import ChunkPins
-from .shared import ScoredHeads, compressed_layers, kept_heads, sliding_param, tail_param
+from .shared import ScoredHeads, kept_heads, sliding_param, tail_param
 
 
 @dataclasses.dataclass

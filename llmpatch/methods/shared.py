@@ -15,16 +15,10 @@ from .base import Method, check_head_pairs, param
 
 def sliding_param():
     """Whether a cache method also cuts the layers with the model's own sliding window (Gemma-2/3's local
-    layers), whose cache is bounded already (`compressed_layers`)."""
+    layers), whose cache is bounded already (`base.compressed_layers`)."""
     return param(
         False, "false (leave the model's own sliding-window layers as they are) or true (compress them too)"
     )
-
-
-def compressed_layers(spec, sliding: bool) -> list[int]:
-    """The layers a cache method cuts: those without the model's own sliding window, or every layer if `sliding`.
-    Leaving the local layers is also kvpress's rule for Gemma-3."""
-    return [i for i in range(spec.num_layers) if sliding or spec.sliding_window[i] is None]
 
 
 def tail_param():

@@ -26,8 +26,8 @@ import dataclasses
 import torch
 
 from ..kernels import rules
-from .base import param
-from .shared import ElasticSinkWindow, compressed_layers, sliding_param
+from .base import compressed_layers, param
+from .shared import ElasticSinkWindow, sliding_param
 
 
 @dataclasses.dataclass
