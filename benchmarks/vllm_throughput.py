@@ -5,6 +5,9 @@ process per plan, in order. Ratios are against the dense engine of the same run.
 
 Plans: dense (vLLM's own kernel, no plugin); "sink_window 0+max_len", a dense-equivalent plan that goes through
 the plugin's per-head path (every key visible, no KV saved); streamingllm 25%; the shipped MoA plan.
+The elastic plans (streamingllm's density, MoA's spans) are evaluated at one length, the plugin's `length`:
+vLLM's max_model_len unless `--plan-length` is given. At max_model_len 4096 "25%" is a window of 1024, half of a
+2k prompt; `--plan-length 2048` evaluates the plans at the requests' own length, where 25% means 512 tokens.
 
 Run in the vLLM venv (tests/vllm_plugin/run.sh makes it), on an otherwise idle machine:
   .venv-vllm/bin/python benchmarks/vllm_throughput.py --out benchmarks/vllm-throughput-smollm2.json
@@ -23,14 +26,19 @@ from vllm_capacity import engine  # noqa: E402
 PLANS = ("dense-equivalent", "streamingllm", "moa")
 
 
-def configs(max_len: int, plans: list[str]) -> dict:
+def configs(max_len: int, plans: list[str], plan_length: int | None = None) -> dict:
+    at = {} if plan_length is None else {"length": plan_length}
+    tag = "" if plan_length is None else f" at length {plan_length}"
     every = {
         "dense-equivalent": (
             f"sink_window 0+{max_len} (dense-equivalent)",
             {"method": "sink_window", "params": {"sink": 0, "window": max_len}},
         ),
-        "streamingllm": ("streamingllm 25%", {"method": "streamingllm", "params": {"density": 0.25}}),
-        "moa": ("moa (shipped plan)", {"method": "moa", "plan": "auto", "params": {}}),
+        "streamingllm": (
+            f"streamingllm 25%{tag}",
+            {"method": "streamingllm", "params": {"density": 0.25, **at}},
+        ),
+        "moa": (f"moa (shipped plan){tag}", {"method": "moa", "plan": "auto", "params": {**at}}),
     }
     return {"dense": "dense", **dict(every[p] for p in plans)}
 
@@ -44,6 +52,12 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--max-num-batched-tokens", type=int, default=4096, help="vLLM's step budget")
     ap.add_argument("--plans", default=",".join(PLANS), help=f"beside dense, any of {', '.join(PLANS)}")
+    ap.add_argument(
+        "--plan-length",
+        type=int,
+        default=None,
+        help="the length the elastic plans are evaluated at (default: max_model_len)",
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     plans = args.plans.split(",")
@@ -52,7 +66,7 @@ def main() -> None:
     from llmpatch.meta import run_metadata
 
     rows = []
-    for label, cfg in configs(args.max_model_len, plans).items():
+    for label, cfg in configs(args.max_model_len, plans, args.plan_length).items():
         got = engine(label, cfg, "--model", args.model, "--throughput", args.requests, "--new-tokens",
                      str(args.decode_steps), "--max-model-len", str(args.max_model_len), "--kv-gib",
                      str(args.kv_gib), "--max-num-batched-tokens", str(args.max_num_batched_tokens))  # fmt: skip
