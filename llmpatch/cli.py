@@ -402,9 +402,7 @@ def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
     max_model_len: int = typer.Option(8192, "--max-model-len", min=16),
-    dtype: str = typer.Option(
-        "float32", "--dtype", help="float32 or float16 (the cache layouts the plugin reads)"
-    ),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | float16 | bfloat16"),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", min=1),
 ):
     """Serve with vLLM's OpenAI-compatible server and llmpatch's plugin (pip install "llmpatch[vllm]");
@@ -413,8 +411,8 @@ def serve_cmd(
     from .vllm import serve
 
     try:
-        if dtype not in ("float32", "float16"):
-            raise ParameterError(f"--dtype: must be float32 or float16, got {dtype!r}")
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise ParameterError(f"--dtype: must be float32, float16 or bfloat16, got {dtype!r}")
         overrides = parse_sets(sets)
         plan_arg = str(plan) if plan is not None else "auto"
         env = serve.config(method, plan_arg, overrides)

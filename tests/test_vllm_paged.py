@@ -1,10 +1,13 @@
 """The vLLM plugin's reads of the paged cache (llmpatch/vllm/paged.py, no vLLM needed): a prompt's later chunk
-and a batch of decode steps over a cache in vLLM's CPU layout, with blocks in any order, equal the reference
-over the contiguous keys, for per-head sinks and windows, head masks, GQA and a layer's own sliding window."""
+and a batch of decode steps over a cache in vLLM's CPU layouts ("vec", "amx"), with blocks in any order, equal
+the reference over the contiguous keys, for per-head sinks and windows, head masks, GQA and a layer's own sliding
+window. Where each layout puts an element is checked against elements read off vLLM's own writer here, and
+against the writer itself in tests/vllm_plugin."""
 
 from __future__ import annotations
 
 import hypothesis.strategies as st
+import pytest
 import torch
 from hypothesis import given, settings
 from llmpatch.kernels import reference
@@ -13,22 +16,51 @@ from llmpatch.decisions import HeadMask, LayerDecision
 from llmpatch.vllm import paged
 
 D = 8
+LAYOUTS = {"vec": (D, [4, 16]), "amx": (32, [32, 64])}  # head size, block sizes (amx: multiples of 32 and 16)
 
 
-def paged_cache(kvs, block_size, g):
-    """Per request its k, v [2, Hkv, L_r, D], written into one cache [blocks, Hkv, block_size, 2D] at shuffled
-    blocks (spare blocks hold NaN: never read); returns the cache and the block table [R, blocks]."""
+def paged_cache(kvs, block_size, g, isa="vec"):
+    """Per request its k, v [2, Hkv, L_r, D], written into one cache [blocks, Hkv, block_size, 2D] in `isa`'s
+    order at shuffled blocks (spare blocks hold NaN: never read); returns the cache and the block table."""
     hkv, d = kvs[0].shape[1], kvs[0].shape[3]
     blocks = -(-max(x.shape[2] for x in kvs) // block_size)
     spare = len(kvs) * blocks + 3
     table = torch.randperm(spare, generator=g)[: len(kvs) * blocks].view(len(kvs), blocks)
     cache = torch.full((spare, hkv, block_size, 2 * d), float("nan"))
-    keys, values = paged.kv_views(cache)
+    (keys, lk), (values, lv) = paged.kv_views(cache, isa)
     for r, (k, v) in enumerate(kvs):
         for i in range(k.shape[1]):
-            keys[table[r, i // block_size], :, i % block_size] = k[:, i]
-            values[table[r, i // block_size], :, i % block_size] = v[:, i]
+            b, t = table[r, i // block_size], i % block_size
+            keys[b, :, t // lk, t % lk] = k[:, i].reshape(keys[b, :, 0, 0].shape)
+            values[b, :, t // lv, t % lv] = v[:, i].reshape(values[b, :, 0, 0].shape)
     return cache, table
+
+
+def test_kv_views_place_elements_where_vllm_writes_them():
+    """Offsets within one block and KV head, read off vLLM 0.32's `cpu_attn_reshape_and_cache` (bf16, block 32,
+    D 64): (token, channel) -> element, for keys and for values (values after the block's 32 * 64 keys)."""
+    seen = {
+        "vec": {"keys": {(0, 0): 0, (1, 0): 1, (0, 1): 32, (31, 63): 2047},
+                "values": {(0, 0): 2048, (0, 1): 2049, (1, 0): 2112, (31, 63): 4095}},
+        "amx": {"keys": {(0, 0): 0, (0, 1): 1, (1, 0): 2, (0, 2): 32, (16, 0): 1024, (31, 63): 2047},
+                "values": {(0, 0): 2048, (1, 0): 2049, (0, 1): 2050, (2, 0): 2080, (0, 16): 2560, (31, 63): 4095}},
+    }  # fmt: skip
+    cache = torch.arange(2 * 32 * 64).view(1, 1, 32, 128)  # each element holds its own offset
+    for isa, where in seen.items():
+        (keys, lk), (values, lv) = paged.kv_views(cache, isa)
+        key_at = torch.stack([keys[0, 0, t // lk, t % lk].flatten() for t in range(32)])
+        value_at = torch.stack([values[0, 0, t // lv, t % lv].flatten() for t in range(32)])
+        for (t, j), at in where["keys"].items():
+            assert key_at[t, j] == at, (isa, "key", t, j)
+        for (t, j), at in where["values"].items():
+            assert value_at[t, j] == at, (isa, "value", t, j)
+        every = torch.cat([key_at.flatten(), value_at.flatten()]).sort().values
+        assert torch.equal(every, torch.arange(2 * 32 * 64))  # each element once
+
+
+def test_an_unknown_layout_is_refused():
+    with pytest.raises(ValueError, match="isa: one of vec, vec16, amx"):
+        paged.kv_views(torch.zeros(1, 1, 32, 128), "neon")
 
 
 @st.composite
@@ -53,30 +85,34 @@ def want(d, q, k, v, kw, prefill):
 
 
 @settings(max_examples=60, deadline=None)
-@given(layers(), st.integers(2, 70), st.data(), st.sampled_from([4, 16]), st.integers(0, 9))
-def test_prompt_chunk_equals_the_reference(layer, length, data, block_size, seed):
+@given(layers(), st.integers(2, 70), st.data(), st.sampled_from(sorted(LAYOUTS)), st.integers(0, 9))
+def test_prompt_chunk_equals_the_reference(layer, length, data, isa, seed):
     d, hkv = layer
     first = data.draw(st.integers(1, length - 1))
+    dim, sizes = LAYOUTS[isa]
+    block_size = data.draw(st.sampled_from(sizes))
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, d.num_heads, length - first, D, generator=g)
-    kv = torch.randn(2, hkv, length, D, generator=g)
-    cache, table = paged_cache([kv], block_size, g)
-    kw = dict(scale=D**-0.5, softcap=None, sliding_window=d.sliding_window)
-    got = paged.prompt_chunk(d, q, cache, table, length, kw)
+    q = torch.randn(1, d.num_heads, length - first, dim, generator=g)
+    kv = torch.randn(2, hkv, length, dim, generator=g)
+    cache, table = paged_cache([kv], block_size, g, isa)
+    kw = dict(scale=dim**-0.5, softcap=None, sliding_window=d.sliding_window)
+    got = paged.prompt_chunk(d, q, cache, isa, table, length, kw)
     k, v = kv
     torch.testing.assert_close(got, want(d, q, k[None], v[None], kw, True), atol=1e-5, rtol=1e-5)
 
 
 @settings(max_examples=40, deadline=None)
-@given(layers(), st.lists(st.integers(1, 60), min_size=1, max_size=4), st.integers(0, 9))
-def test_batched_decode_equals_the_reference(layer, lengths, seed):
+@given(layers(), st.lists(st.integers(1, 60), min_size=1, max_size=4), st.sampled_from(sorted(LAYOUTS)),
+       st.integers(0, 9))  # fmt: skip
+def test_batched_decode_equals_the_reference(layer, lengths, isa, seed):
     d, hkv = layer
+    dim, sizes = LAYOUTS[isa]
     g = torch.Generator().manual_seed(seed)
-    caches = [torch.randn(2, hkv, n, D, generator=g) for n in lengths]
-    cache, table = paged_cache(caches, 4, g)
-    q = torch.randn(len(lengths), d.num_heads, 1, D, generator=g)
-    kw = dict(scale=D**-0.5, softcap=None, sliding_window=d.sliding_window)
-    got = paged.decode(d, q, cache, table, lengths, kw)
+    caches = [torch.randn(2, hkv, n, dim, generator=g) for n in lengths]
+    cache, table = paged_cache(caches, sizes[0], g, isa)
+    q = torch.randn(len(lengths), d.num_heads, 1, dim, generator=g)
+    kw = dict(scale=dim**-0.5, softcap=None, sliding_window=d.sliding_window)
+    got = paged.decode(d, q, cache, isa, table, lengths, kw)
     for r, (kr, vr) in enumerate(caches):
         want_r = want(d, q[r : r + 1], kr[None], vr[None], kw, False)
         torch.testing.assert_close(got[r : r + 1], want_r, atol=1e-5, rtol=1e-5)

@@ -124,7 +124,7 @@ def test_version_pin():
     [
         (["--method", "dhsa"], "error: --method: vLLM serves sink_window"),
         (["--method", "moa", "--set", "sink=-1"], "error: moa: parameter 'sink' must be an int >= 0"),
-        (["--method", "moa", "--dtype", "bfloat16"], "error: --dtype: must be float32 or float16"),
+        (["--method", "moa", "--dtype", "float64"], "error: --dtype: must be float32, float16 or bfloat16"),
     ],
 )
 def test_serve_refuses_before_vllm_starts(args, message):

@@ -30,8 +30,6 @@ from ..attention import pattern_args
 from ..kernels import dispatch
 from . import paged, state
 
-LAYOUT_ISAS = ("vec", "vec16")
-
 
 class LlmpatchCPUAttentionImpl(CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs) -> None:
@@ -41,9 +39,10 @@ class LlmpatchCPUAttentionImpl(CPUAttentionBackendImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):  # fmt: skip
         decision = None if attn_metadata is None else state.decision_for(layer, self.num_heads)
-        if decision is None or getattr(layer, "isa", "vec") not in LAYOUT_ISAS:
+        isa = getattr(layer, "isa", "vec")
+        if decision is None or isa not in paged.LAYOUTS:
             if decision is not None:
-                state.refuse_isa(layer.isa)
+                state.refuse_isa(isa)
             return super().forward(
                 layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
             )
@@ -75,13 +74,13 @@ class LlmpatchCPUAttentionImpl(CPUAttentionBackendImpl):
                 v = value[q0:q1].transpose(0, 1).unsqueeze(0)
                 out = dispatch.attention(q, k, v, **kw, **pattern_args(decision, length, False, True))[0]
             else:
-                out = paged.prompt_chunk(decision, q, kv_cache, table[r : r + 1], length, kw)
+                out = paged.prompt_chunk(decision, q, kv_cache, isa, table[r : r + 1], length, kw)
             output[q0:q1] = out[0].transpose(0, 1).reshape(output[q0:q1].shape)
         if decode:
             at = torch.tensor([starts[r] for r in decode])
             rows = table[torch.tensor(decode)]
             out = paged.decode(
-                decision, query[at].unsqueeze(2), kv_cache, rows, [lengths[r] for r in decode], kw
+                decision, query[at].unsqueeze(2), kv_cache, isa, rows, [lengths[r] for r in decode], kw
             )
             output[at] = out[:, :, 0].reshape(len(decode), *output.shape[1:])
         return output

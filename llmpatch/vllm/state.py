@@ -60,6 +60,6 @@ def decision_for(layer, num_heads: int):
 
 def refuse_isa(isa: str):
     raise ParameterError(
-        f"dtype: vLLM's CPU attention picked the {isa!r} cache layout, which llmpatch does not read; use "
-        "dtype float32 or float16 (the 'vec' layouts), or serve without the plugin"
+        f"dtype: vLLM's CPU attention picked the {isa!r} cache layout, which llmpatch does not read (it reads "
+        f"{', '.join(paged.LAYOUTS)}: float32 / float16, and bfloat16 on x86); serve without the plugin"
     )

@@ -77,12 +77,24 @@ def throughput(llm, tok, spec: str, new_tokens: int) -> dict:
             "tpot_ms": round(1000 * sum(tpot) / len(tpot), 1) if tpot else None}  # fmt: skip
 
 
+def cache_isa(llm) -> str:
+    """The cache layout vLLM's CPU attention picked for this engine's layers (what the plugin reads)."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    cfg = llm.llm_engine.vllm_config
+    mc = cfg.model_config
+    return _get_attn_isa(
+        mc.dtype, cfg.cache_config.block_size, mc.get_head_size(), cfg.cache_config.cache_dtype
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("config")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--prefix-caching", action="store_true")
     ap.add_argument(
@@ -108,7 +120,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(path)
     t0 = time.time()
     llm = make_llm(path, None if args.config == "dense" else json.loads(args.config), max_model_len=args.max_model_len,
-                   tensor_parallel_size=args.tp, kv_gib=args.kv_gib, max_num_batched_tokens=args.max_num_batched_tokens,
+                   tensor_parallel_size=args.tp, kv_gib=args.kv_gib, dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,
                    prefix_caching=args.prefix_caching, via_env=not args.additional_config,
                    block_size=args.block_size, stats=bool(args.throughput))  # fmt: skip
     capacity = {
@@ -116,6 +128,7 @@ def main() -> None:
         "start_s": round(time.time() - t0, 1),
         "max_model_len": args.max_model_len,
         "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
+        "isa": cache_isa(llm),
     }
     if args.capacity_only:
         print("RESULT " + json.dumps(capacity), flush=True)

@@ -44,14 +44,13 @@ def drive(config, *args, check=True, env=None) -> dict | subprocess.CompletedPro
 
 
 @functools.cache
-def hf_model(name: str = "smollm2-135m"):
-    return llmpatch.load_model(name, dtype="float32")
+def hf_model(name: str = "smollm2-135m", dtype: str = "float32"):
+    return llmpatch.load_model(name, dtype=dtype)
 
 
-def hf_tokens(
-    config: dict, prompt: list[int], new_tokens: int = 24, model_name: str = "smollm2-135m"
-) -> list[int]:
-    model, _ = hf_model(model_name)
+def hf_tokens(config: dict, prompt: list[int], new_tokens: int = 24, model_name: str = "smollm2-135m",
+              dtype: str = "float32") -> list[int]:  # fmt: skip
+    model, _ = hf_model(model_name, dtype)
     params = dict(config["params"])
     if config["method"] in ("streamingllm", "moa"):
         params["length"] = MAX_LEN  # vLLM evaluates elastic spans at max_model_len
@@ -77,6 +76,52 @@ def test_same_tokens_as_hf(name):
         assert tokens == hf_tokens(config, prompt), (name, len(prompt))
     if name in ("sink_window", "streamingllm"):  # every layer bounded: the capacity grows (same KV memory)
         assert got["kv_tokens"] > dense_run()["kv_tokens"]
+
+
+@pytest.mark.parametrize("isa", ["vec", "vec16", "amx"])
+def test_kv_views_read_what_vllms_writer_wrote(isa):
+    """vLLM's own `cpu_attn_reshape_and_cache` writes random bf16 keys and values into a cache of each layout;
+    `paged.gather` reads every one back at its position, from shuffled blocks."""
+    from vllm import _custom_ops as ops
+
+    from llmpatch.vllm import paged
+
+    if isa == "amx" and not torch.cpu._is_amx_tile_supported():
+        pytest.skip("this CPU has no AMX tiles: vLLM picks the 'vec' layout for bf16")
+    g = torch.Generator().manual_seed(0)
+    shapes = ((16, 64, 2, 70), (16, 80, 1, 33)) if isa == "vec16" else ((32, 64, 3, 150), (128, 256, 1, 300))
+    for block_size, d, hkv, n in shapes:
+        blocks = -(-n // block_size)
+        table = torch.randperm(blocks + 2, generator=g)[:blocks]
+        slots = (table[torch.arange(n) // block_size] * block_size + torch.arange(n) % block_size).long()
+        cache = torch.zeros(blocks + 2, hkv, block_size, 2 * d, dtype=torch.bfloat16)
+        kc, vc = cache.view(blocks + 2, hkv, 2 * block_size, d).chunk(2, dim=2)
+        k, v = (torch.randn(n, hkv, d, generator=g).to(torch.bfloat16) for _ in range(2))
+        ops.cpu_attn_reshape_and_cache(
+            k, v, kc, vc, slots, isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto"
+        )
+        positions = [[torch.randperm(n, generator=g)[: n // 2]] * hkv]
+        got_k, got_v, _ = paged.gather(cache, isa, table[None], positions)
+        pick = positions[0][0]
+        assert torch.equal(got_k[0], k[pick].transpose(0, 1))
+        assert torch.equal(got_v[0], v[pick].transpose(0, 1))
+
+
+def test_bfloat16_in_the_amx_layout_gives_the_vec_layouts_tokens():
+    """bf16 through the plugin: on a CPU with AMX tiles vLLM stores the cache in its "amx" layout; the same engine
+    made to store it in "vec" (tests/vllm_plugin/vec_layout: attention's layout only, as without AMX) gives the
+    same greedy tokens with a sink + window pattern narrower than every prompt (every attention call is
+    llmpatch's, on the same bf16 keys and values), for the single prompts and the batch (decode steps and later
+    prompt chunks read the paged cache). bf16 tokens are not compared with HF: vLLM's bf16 layers (norms, MLPs)
+    round differently from transformers' (fp32 is compared in `test_same_tokens_as_hf`)."""
+    if not torch.cpu._is_amx_tile_supported():
+        pytest.skip("this CPU has no AMX tiles: vLLM stores bf16 in the 'vec' layout")
+    config = CONFIGS["sink_window"]
+    amx = drive(config, *ENGINE, "--dtype", "bfloat16")
+    path = os.pathsep.join([str(Path(__file__).with_name("vec_layout")), os.environ.get("PYTHONPATH", "")])
+    vec = drive(config, *ENGINE, "--dtype", "bfloat16", env={"PYTHONPATH": path})
+    assert (amx["isa"], vec["isa"]) == ("amx", "vec")
+    assert amx["single"] == vec["single"] and amx["batch"] == vec["batch"]
 
 
 def test_gemma3_at_tensor_parallel_2_configured_by_additional_config():
