@@ -13,11 +13,14 @@ Run in the vLLM venv, on an otherwise idle machine:
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from vllm_capacity import save  # noqa: E402
 
 
 def best_ms(fn, repeats: int) -> float:
@@ -74,7 +77,6 @@ def main() -> None:
     from transformers import AutoConfig
 
     from llmpatch.attention import pattern_args
-    from llmpatch.meta import run_metadata
     from llmpatch.models import alias_dir
     from llmpatch.vllm.served import resolve
 
@@ -121,10 +123,7 @@ def main() -> None:
         print(
             f"| {r['call']} | {r['ms']} | {r['vs_vllm']:.2f}x | {r['computed']:.1%} | {r['ms'] / r['computed']:.1f} |"
         )
-    import vllm
-
-    meta = run_metadata(vllm=vllm.__version__, args=vars(args) | {"out": str(args.out)})
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    save(args, rows)
 
 
 if __name__ == "__main__":

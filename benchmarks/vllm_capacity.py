@@ -34,6 +34,16 @@ def engine(label: str, cfg, *args: str) -> dict:
     return json.loads(line[len("RESULT ") :])
 
 
+def save(args, rows: list[dict]) -> None:
+    """The rows with the run's metadata (versions, git commit, arguments) as JSON at `args.out`."""
+    import vllm
+
+    from llmpatch.meta import run_metadata
+
+    meta = run_metadata(vllm=vllm.__version__, args=vars(args) | {"out": str(args.out)})
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -51,7 +61,6 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    from llmpatch.meta import run_metadata
 
     rows = []
     for label, cfg in CONFIGS.items():
@@ -67,10 +76,7 @@ def main() -> None:
         print(
             f"| {r['plan']} | {r['kv_tokens']:,} | {r['max_concurrency']:.2f}x | {r['kv_tokens'] / dense:.2f}x |"
         )
-    import vllm
-
-    meta = run_metadata(vllm=vllm.__version__, args=vars(args) | {"out": str(args.out)})
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    save(args, rows)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,11 @@ Run in the vLLM venv (tests/vllm_plugin/run.sh makes it), on an otherwise idle m
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vllm_capacity import engine  # noqa: E402
+from vllm_capacity import engine, save  # noqa: E402
 
 PLANS = ("dense-equivalent", "streamingllm", "moa")
 
@@ -63,7 +62,6 @@ def main() -> None:
     plans = args.plans.split(",")
     if not set(plans) <= set(PLANS):
         ap.error(f"--plans: each of {', '.join(PLANS)}; got {args.plans!r}")
-    from llmpatch.meta import run_metadata
 
     rows = []
     for label, cfg in configs(args.max_model_len, plans, args.plan_length).items():
@@ -78,10 +76,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['plan']} | {r['prefill_s']} | {r['prefill_tok_s']:,} | {r['prefill_s'] / dense['prefill_s']:.2f}x "
               f"| {r['tpot_ms']} | {r['tpot_ms'] / dense['tpot_ms']:.2f}x |")  # fmt: skip
-    import vllm
-
-    meta = run_metadata(vllm=vllm.__version__, args=vars(args) | {"out": str(args.out)})
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    save(args, rows)
 
 
 if __name__ == "__main__":
