@@ -3,7 +3,8 @@
 - Static patterns (dense, the layer's sliding window, per-head sink + window) run in query-row chunks. Each
   chunk reads only the keys its rows can see: the sink slots plus the band from the chunk's widest window to
   its last query, so the work is O(N x (sink + window + chunk)) instead of O(N^2). Inside a chunk a small
-  [B, H, rows, keys] mask carries the exact token-level pattern.
+  [B, H, rows, keys] mask carries the exact token-level pattern. Per-head spans that differ a lot (MoA's plans)
+  run once per group of heads with equal spans, each over its own band.
 - Block lists run on `torch.compile(flex_attention)` with a BlockMask built from the compact layout, from
   CROSSOVER_KEYS keys up; below that they run as the same pattern through the row-chunked masked path.
   (Static patterns could run on flex too; measured on 2 cores the row chunks are within 5-10% of it and need
@@ -89,6 +90,10 @@ def attention(
     elif kv_index is not None and _use_flex(nq, nk, block_size, return_lse):
         out, lse = _flex(q, k, v, scale, softcap, start, key_padding, sliding_window, sink, window,
                          kv_count, kv_index, block_size)  # fmt: skip
+    elif kv_index is None and _split_pays(sink, window, nk):
+        out, lse = _by_span(
+            q, k, v, scale, softcap, start, key_padding, sliding_window, sink, window, return_lse
+        )
     else:
         out, lse = _row_chunks(q, k, v, scale, softcap, start, key_padding, sliding_window, sink, window,
                                kv_count, kv_index, block_size, return_lse)  # fmt: skip
@@ -96,6 +101,39 @@ def attention(
         qp, kp = rules.token_positions(b, nq, nk, start, key_padding, q.device)
         out = rules.apply_head_mask(out, v, head_mask, qp, kp, sliding_window=sliding_window, ordered=True)
     return (out, lse) if return_lse else out
+
+
+def _split_pays(sink, window, nk) -> bool:
+    """Per-head sink + window on a long input (band chunks) whose heads read very different bands: one pass per
+    group of equal spans reads under 3/4 of the keys one pass at the widest band would (MoA's plans)."""
+    if sink is None or nk <= DENSE_FALLBACK_KEYS or len(_span_pairs(sink, window)) < 2:
+        return False
+    reach = [nk if w < 0 else min(nk, s + w) for s, w in _span_pairs(sink, window, unique=False)]
+    return sum(reach) < 0.75 * len(reach) * max(reach)
+
+
+def _span_pairs(sink, window, unique=True) -> list[tuple[int, int]]:
+    pairs = list(zip(sink.tolist(), window.tolist(), strict=True))
+    return sorted(set(pairs)) if unique else pairs
+
+
+def _by_span(q, k, v, scale, softcap, start, key_padding, sliding_window, sink, window, need_lse):
+    """`_row_chunks` once per group of query heads with the same (sink, window), each over its own band (its
+    heads' keys and values picked per query head, so a group need not hold whole KV groups)."""
+    b, h, nq, d = q.shape
+    g = h // k.shape[1]
+    out = torch.empty(b, h, nq, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device) if need_lse else None
+    pairs = _span_pairs(sink, window, unique=False)
+    for s_w in _span_pairs(sink, window):
+        heads = [i for i, p in enumerate(pairs) if p == s_w]
+        idx, kv = torch.tensor(heads), torch.tensor(heads) // g
+        o, part = _row_chunks(q[:, idx], k[:, kv], v[:, kv], scale, softcap, start, key_padding, sliding_window,
+                              sink[idx], window[idx], None, None, 0, need_lse)  # fmt: skip
+        out[:, idx] = o
+        if need_lse:
+            lse[:, idx] = part
+    return out, lse
 
 
 def _spans(q, k, v, scale, softcap, q_pos, k_pos, spans, sliding_window, sink, window, need_lse):

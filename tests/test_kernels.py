@@ -2,6 +2,7 @@
 plus the public entry points and the layout converters."""
 
 import os
+from unittest import mock
 
 import hypothesis.strategies as st
 import pytest
@@ -80,6 +81,47 @@ def test_cpu_backend_matches_reference(problem):
     torch.testing.assert_close(
         torch.nan_to_num(lse, 0, 0, 0), torch.nan_to_num(want.lse, 0, 0, 0), atol=1e-5, rtol=0
     )
+
+
+@SETTINGS
+@given(problems(max_n=200, kinds=("static",)), st.data())
+def test_cpu_per_head_spans_by_group_match_reference(problem, data):
+    """Long-input rules at short lengths (no one-call fallback, so band chunks): per-head spans from a few
+    distinct (sink, window) pairs run once per group of equal spans, against the reference, LSE included."""
+    q, k, v, kw = problem
+    h, nk = q.shape[1], k.shape[2]
+    pairs = data.draw(st.lists(st.tuples(st.integers(0, 8), st.integers(1, nk + 2)), min_size=2, max_size=3))
+    pick = data.draw(st.lists(st.integers(0, len(pairs) - 1), min_size=h, max_size=h))
+    kw["sink"] = torch.tensor([pairs[i][0] for i in pick])
+    kw["window"] = torch.tensor([pairs[i][1] for i in pick])
+    want = reference.attention(q, k, v, **kw)
+    with mock.patch.object(cpu, "DENSE_FALLBACK_KEYS", 0):
+        out, lse = cpu.attention(q, k, v, return_lse=True, **kw)
+        _check(cpu.attention(q, k, v, **kw), want.out, 1e-5)
+    _check(out, want.out, 1e-5)
+    torch.testing.assert_close(
+        torch.nan_to_num(lse, 0, 0, 0), torch.nan_to_num(want.lse, 0, 0, 0), atol=1e-5, rtol=0
+    )
+
+
+def test_moa_like_spans_run_per_group_and_match_reference():
+    """SmolLM2's shapes (9 query heads on 3 KV heads) past the one-call length, two spans mixed across KV groups,
+    as in a MoA plan: the per-group path runs and equals the reference."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 9, 1000, 32, generator=g), *torch.randn(2, 1, 3, 1000, 32, generator=g)
+    sink, window = torch.full((9,), 64), torch.tensor([700, 700, 190, 700, 190, 190, 700, 190, 190])
+    with mock.patch.object(cpu, "_by_span", wraps=cpu._by_span) as spy:
+        out = cpu.attention(q, k, v, sink=sink, window=window)
+    assert spy.call_count == 1
+    _check(out, reference.attention(q, k, v, sink=sink, window=window).out, 1e-5)
+
+
+def test_cpu_splits_per_head_spans_only_when_it_pays():
+    wide, narrow = torch.tensor([0, 0, 0]), torch.tensor([1000, 100, 100])
+    assert cpu._split_pays(wide, narrow, 4096)  # 1200 of 3000 keys read
+    assert not cpu._split_pays(wide, torch.tensor([1000, 900, 1000]), 4096)  # 2900 of 3000
+    assert not cpu._split_pays(wide, narrow, cpu.DENSE_FALLBACK_KEYS)  # short: one masked call
+    assert not cpu._split_pays(wide, torch.tensor([100, 100, 100]), 4096)  # one span: nothing to split
 
 
 @SETTINGS
