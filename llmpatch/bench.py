@@ -21,6 +21,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from .errors import LlmpatchError, ParameterError
 from .kernels import api, layout
 
 
@@ -157,12 +158,18 @@ def model_one(
             "compiled": compiled}  # fmt: skip
 
 
+ERROR = "LLMPATCH-ERROR "  # the subprocess's last line when apply() refused the configuration
+
+
 def _subprocess(args: list, env: dict | None = None) -> dict:
     cmd = [sys.executable, "-m", "llmpatch.bench", json.dumps(args)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = res.stdout.strip().splitlines()
+    if res.returncode == 2 and lines and lines[-1].startswith(ERROR):  # bad input, named by apply()
+        raise ParameterError(lines[-1][len(ERROR) :])
     if res.returncode:
         raise RuntimeError(f"bench subprocess failed:\n{res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return json.loads(lines[-1])
 
 
 def bench_model(model, method, params, length, decode_tokens=16, repeats=2, compiled=False):
@@ -185,4 +192,8 @@ def bench_model(model, method, params, length, decode_tokens=16, repeats=2, comp
 
 
 if __name__ == "__main__":
-    print(json.dumps(model_one(*json.loads(sys.argv[1]))))
+    try:
+        print(json.dumps(model_one(*json.loads(sys.argv[1]))))
+    except LlmpatchError as exc:  # the parent re-raises it: a clear error, no traceback
+        print(ERROR + str(exc))
+        sys.exit(2)

@@ -254,6 +254,15 @@ def test_cli_failures_are_one_error_line(args, message, tmp_path):
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
 
 
+def test_bench_model_names_a_refused_configuration_without_a_traceback(smollm2):
+    """The configuration is refused inside bench model's subprocess; the parent prints apply()'s message alone."""
+    args = ["bench", "model", "--model", "smollm2-135m", "--method", "moa", "--length", "64", "--repeats", "1",
+            "--decode-tokens", "1"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "moa: parameters 'alphas' and 'betas' are required" in " ".join(result.output.split())
+
+
 def test_text_with_brackets_is_printed_as_written():
     result = runner.invoke(app, ["methods"])
     assert "[layer," in result.output, result.output  # the table may wrap the rest
