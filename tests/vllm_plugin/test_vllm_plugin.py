@@ -44,13 +44,14 @@ def drive(config, *args, check=True, env=None) -> dict | subprocess.CompletedPro
 
 
 @functools.cache
-def hf_model(name: str = "smollm2-135m", dtype: str = "float32"):
-    return llmpatch.load_model(name, dtype=dtype)
+def hf_model(name: str = "smollm2-135m"):
+    return llmpatch.load_model(name, dtype="float32")
 
 
-def hf_tokens(config: dict, prompt: list[int], new_tokens: int = 24, model_name: str = "smollm2-135m",
-              dtype: str = "float32") -> list[int]:  # fmt: skip
-    model, _ = hf_model(model_name, dtype)
+def hf_tokens(
+    config: dict, prompt: list[int], new_tokens: int = 24, model_name: str = "smollm2-135m"
+) -> list[int]:
+    model, _ = hf_model(model_name)
     params = dict(config["params"])
     if config["method"] in ("streamingllm", "moa"):
         params["length"] = MAX_LEN  # vLLM evaluates elastic spans at max_model_len
