@@ -38,7 +38,7 @@ import torch
 
 from ..errors import ParameterError
 from ..sharding import all_gather_heads
-from .base import Method, param
+from .base import Method, compressed_layers, param
 from .shared import install_after_prompt
 from .snapkv import observed
 
@@ -74,15 +74,14 @@ class Reform(Method):
     def configure(self, spec, layers):
         h = spec.num_heads
         self._own = list(spec.sliding_window)
-        whole = [layer for layer in layers if self._own[layer.layer] is None]
         for layer in layers:
             layer.set_static(
                 self.name, torch.full((h,), self.sink), torch.full((h,), self.window), self.observe
             )
         # the layers that read the whole prompt score it (all of them when every layer slides)
-        for layer in whole or layers:
-            layer.select = self._score
-        self._scoring = [layer.layer for layer in whole or layers]
+        self._scoring = compressed_layers(spec) or compressed_layers(spec, sliding=True)
+        for i in self._scoring:
+            layers[i].select = self._score
         self._layers, self._scores, self._busy, self._ids, self._shard = layers, None, False, None, spec.shard
         self._prompt_in = False  # a prompt's pass has run its selection hook: gather after this forward
         self._heads, self._lifted = h, False
