@@ -73,6 +73,16 @@ def test_cache_holds_fewer_bytes_and_reports_them():
     assert not any(isinstance(layer, caches.RingLayer) for layer in after.layers)
 
 
+def test_output_cache_reads_the_cache_without_a_deprecation_warning(caplog):
+    """Recent transformers log a warning when an output is asked for 'past_key_values', even with no cache."""
+    model = tiny_model("llama")
+    x = torch.tensor([list(range(3, 13))])
+    with caplog.at_level("WARNING"):
+        assert caches.output_cache(model(x, use_cache=False)) is None
+        assert caches.output_cache(model(x, use_cache=True)).get_seq_length() == 10
+    assert "deprecated" not in caplog.text
+
+
 @pytest.mark.parametrize(
     "params,match",
     [

@@ -4,6 +4,7 @@ cache of moa, streamingllm and retrieval_kv; LongHeads has its own layer for its
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
@@ -22,7 +23,13 @@ def cache_argument(model) -> str:
 
 def output_cache(out):
     """The cache in a model or generate() output ('cache' in recent transformers, 'past_key_values' before)."""
-    return out["cache"] if "cache" in out else out.get("past_key_values")
+    # Asking a recent output for the old name logs a deprecation warning, even when it holds no cache.
+    new = (
+        any(f.name == "cache" for f in dataclasses.fields(out))
+        if dataclasses.is_dataclass(out)
+        else "cache" in out
+    )
+    return out.get("cache") if new else out.get("past_key_values")
 
 
 def find_cache(kwargs: dict, name: str):
