@@ -103,6 +103,29 @@ def test_decode_sizes_the_ring_after_the_gather_only():
     assert next(saved) > next(saved)
 
 
+@pytest.mark.parametrize("top", [1, 3])
+def test_reform_scores_a_token_by_its_best_heads(top):
+    """reform's token scores: the sum of each token's `top` best (layer, query head) attention, summed over the
+    last `observe` rows (a window as long as the prompt makes the scoring pass dense: eager attention is the
+    reference)."""
+    model = tiny_model("llama")
+    x = torch.tensor([PROMPTS[0] * 2])
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        att = model(x, output_attentions=True).attentions
+    model.set_attn_implementation("sdpa")
+    per_head = torch.cat([a[0, :, -4:].sum(1) for a in att])  # [layers * heads, N]
+    want = per_head.topk(top, dim=0).values.sum(0)
+    seen = {}
+    with llmpatch.patched(model, "reform", ratio=0.5, sink=2, window=x.shape[1], observe=4, top=top) as patch:
+        method = patch.methods[0]
+        choose = method._choose
+        method._choose = lambda s: choose(seen.setdefault("scores", s))
+        with torch.no_grad():
+            model(x, use_cache=True)
+    torch.testing.assert_close(seen["scores"], want, atol=1e-5, rtol=1e-4)
+
+
 def test_reform_zip_scores_a_token_by_its_best_repeat_scores():
     """reform_zip's token scores: the sum of each token's `top` best (layer, KV head) importances from kvzip's
     repeat passes (tested against eager attention in test_kvzip.py) over the dense prompt's keys and values."""
@@ -130,7 +153,7 @@ def test_reform_zip_scores_a_token_by_its_best_repeat_scores():
 @pytest.mark.parametrize(
     "method,params",
     [("reform", {"ratio": 1.0}), ("reform", {"pool": 2}), ("reform", {"chunk": 0}), ("reform", {"observe": 0}),
-     ("reform", {"decode": 0}), ("reform", {"decode": 129}), ("reform_zip", {"observe": 32}),
+     ("reform", {"decode": 0}), ("reform", {"decode": 129}), ("reform", {"top": 0}), ("reform_zip", {"observe": 32}),
      ("reform_zip", {"repeat": 0}), ("reform_zip", {"top": 0}), ("reform_zip", {"decode": 129})],
 )  # fmt: skip
 def test_bad_reform_input_leaves_model_untouched(method, params):

@@ -5,7 +5,8 @@ Long-Context Processing in Transformers", arXiv 2506.01215).
 1. The prompt is prefilled with a sink + window pattern, its last `observe` tokens (the question) attending
    densely, so the pass costs about (sink + window) / (N / 2) of the dense prefill's attention.
 2. Every layer's last `observe` queries score the prompt tokens: a token's score is its attention probability
-   summed over those rows, in the head (of any layer) that gives it the most; a chunk of `chunk` consecutive
+   summed over those rows, in the head (of any layer) that gives it the most (the sum over its `top` best
+   heads); a chunk of `chunk` consecutive
    positions scores the sum over its tokens, and then the best score within `pool` chunks around it (so the
    neighbours of a chunk that holds what the question looks for come with it).
 3. The first `sink` and the last `window` prompt tokens and the best chunks, (1 - ratio) of the prompt in all,
@@ -18,7 +19,7 @@ context the cache no longer holds. Each KV head also keeps a ring of `decode` sl
 saved counts it.
 
 Defaults: ratio 0.75, sink 16, window 128, observe 64, chunk 16 (the pass-1 pattern and the selection window of
-`chunkkv`), pool 3, decode = window.
+`chunkkv`), pool 3, top 1, decode = window.
 Departures from REFORM: one sparse prefill instead of its recurrent chunked encoding with a compressed cache and
 early exit; tokens are gathered by the question's attention in the sparse pass (summed over chunks, as ChunkKV
 does) instead of the cosine similarity of cross-layer QKV embeddings; gathered as whole chunks; no prompt longer
@@ -63,6 +64,9 @@ class Reform(Method):
                                "prompt: a later question, the answer)", lambda v: v >= 1)  # fmt: skip
     pool: int = param(3, "an odd int >= 1 (chunks: a chunk's score is the best in the `pool` chunks around it, so a "
                       "chunk's neighbours come with it)", lambda v: v >= 1 and v % 2 == 1)  # fmt: skip
+
+    top: int = param(1, "an int >= 1 (a token's score: the sum over the heads, of any layer, that attend to it most)",
+                     lambda v: v >= 1)  # fmt: skip
 
     def validate(self, spec):
         if self.decode is not None and self.decode > self.window:
@@ -120,8 +124,10 @@ class Reform(Method):
         if self._busy:
             return
         probs, _, _ = observed(q, k, mask, scale, softcap, self.observe)
-        scores = probs.sum(2).amax(1).cpu()  # [B, N]: the head that attends to a token most
-        self._scores = scores if self._scores is None else torch.maximum(self._scores, scores)
+        scores = probs.sum(2).cpu()  # [B, H, N]; kept: the `top` heads so far that attend to each token most
+        if self._scores is not None:
+            scores = torch.cat([self._scores, scores], 1)
+        self._scores = scores.topk(min(self.top, scores.shape[1]), 1).values
         self._starts, self._prompt_in = mask.row_start(q.shape[0], q.device).tolist(), True
 
     def _gather(self, model, out, cache) -> None:
@@ -162,8 +168,9 @@ class Reform(Method):
             self._lift(-1)
 
     def _token_scores(self, model, ids) -> torch.Tensor:
-        """[B, N]: the prompt tokens' scores (every rank the same: the best head over all ranks' heads)."""
-        return all_gather_heads(self._scores[:, None], self._shard, 1).amax(1)
+        """[B, N]: the prompt tokens' scores (every rank the same: the best heads over all ranks' heads)."""
+        scores = all_gather_heads(self._scores, self._shard, 1)
+        return scores.topk(min(self.top, scores.shape[1]), 1).values.sum(1)
 
     def _choose(self, scores: torch.Tensor) -> torch.Tensor:
         """The prompt positions pinned (sorted): the best-scored whole chunks after the sink and the last `window`,
