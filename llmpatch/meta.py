@@ -1,4 +1,4 @@
-"""Run metadata written beside every result: versions, git commit, device, arguments."""
+"""Run metadata written beside every result: versions, git commit (and any uncommitted code), device, arguments."""
 
 from __future__ import annotations
 
@@ -19,6 +19,20 @@ def git_commit() -> str | None:
         return None
 
 
+def git_modified() -> list[str] | None:
+    """The code files (llmpatch/, kernels/) that differ from the commit, so a result run on uncommitted code says
+    so; None outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", str(here), str(here.parent / "kernels")],
+            capture_output=True, text=True, cwd=here, timeout=5,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sorted(line[3:] for line in out.stdout.splitlines()) if out.returncode == 0 else None
+
+
 def run_metadata(**extra) -> dict:
     import torch
     import transformers
@@ -30,6 +44,7 @@ def run_metadata(**extra) -> dict:
     return {
         "llmpatch": __version__,
         "git_commit": git_commit(),
+        "git_modified": git_modified(),  # code files changed since that commit ([] when clean)
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),

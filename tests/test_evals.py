@@ -102,11 +102,38 @@ def test_unknown_suite_and_too_long(smollm2):
         SUITES["passkey"].sample(smollm2[1], 20, 0)
 
 
+def test_metadata_names_uncommitted_code(tmp_path):
+    """A run on code that differs from its commit lists the changed code files (llmpatch/, kernels/), not others."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    from llmpatch import meta
+
+    repo = tmp_path / "repo"
+    for d in ("llmpatch", "kernels"):
+        (repo / d).mkdir(parents=True)
+    shutil.copy(meta.__file__, repo / "llmpatch" / "meta.py")
+    (repo / "kernels" / "k.py").write_text("x = 1\n")
+    (repo / "RESULTS.md").write_text("a\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    spec = importlib.util.spec_from_file_location("meta_copy", repo / "llmpatch" / "meta.py")
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    assert copy.git_modified() == []
+    (repo / "kernels" / "k.py").write_text("x = 2\n")
+    (repo / "RESULTS.md").write_text("b\n")
+    assert copy.git_modified() == ["kernels/k.py"]
+    assert len(copy.git_commit()) == 40
+
+
 def test_metadata_and_report(tmp_path):
     meta = run_metadata(arguments={"x": 1})
-    assert {"llmpatch", "git_commit", "torch", "transformers", "python", "device", "argv", "time"} <= set(
-        meta
-    )
+    assert {"llmpatch", "git_commit", "git_modified", "torch", "transformers", "python", "device", "argv",
+            "time"} <= set(meta)  # fmt: skip
     cell = dict(n=1, accuracy=1.0, prompt_tokens=100, ttft_s=0.1, prefill_s=0.1, decode_tokens_per_s=10.0,
                 peak_memory_mb=100.0, answer_logprob=-1.0, density=1.0)  # fmt: skip
     result = {
