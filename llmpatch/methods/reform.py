@@ -5,10 +5,10 @@ Long-Context Processing in Transformers", arXiv 2506.01215).
 1. The prompt is prefilled with a sink + window pattern, its last `observe` tokens (the question) attending
    densely, so the pass costs about (sink + window) / (N / 2) of the dense prefill's attention.
 2. Every layer's last `observe` queries score the prompt tokens: a token's score is its attention probability
-   summed over those rows, in the head (of any layer) that gives it the most (the sum over its `top` best
-   heads); a chunk of `chunk` consecutive
-   positions scores the sum over its tokens, and then the best score within `pool` chunks around it (so the
-   neighbours of a chunk that holds what the question looks for come with it).
+   summed over those rows, in the head (of any layer) that gives it the most (summed over its `top` best heads
+   when top > 1); a chunk of `chunk` consecutive positions scores the sum over its tokens, and then the best
+   score within `pool` chunks around it (so the neighbours of a chunk that holds what the question looks for
+   come with it).
 3. The first `sink` and the last `window` prompt tokens and the best chunks, (1 - ratio) of the prompt in all,
    are run through the model again on their own, at their original positions, with dense causal attention
    among them: their keys and values replace the sparse pass's in the cache (the same tokens in every layer and
@@ -64,7 +64,6 @@ class Reform(Method):
                                "prompt: a later question, the answer)", lambda v: v >= 1)  # fmt: skip
     pool: int = param(3, "an odd int >= 1 (chunks: a chunk's score is the best in the `pool` chunks around it, so a "
                       "chunk's neighbours come with it)", lambda v: v >= 1 and v % 2 == 1)  # fmt: skip
-
     top: int = param(1, "an int >= 1 (a token's score: the sum over the heads, of any layer, that attend to it most)",
                      lambda v: v >= 1)  # fmt: skip
 
