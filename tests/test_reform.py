@@ -103,6 +103,18 @@ def test_decode_sizes_the_ring_after_the_gather_only():
     assert next(saved) > next(saved)
 
 
+def chosen_scores(model, x, name, **params):
+    """The token scores a reform-like method hands its chunk choice for the prompt `x`, and the method."""
+    seen = {}
+    with llmpatch.patched(model, name, **params) as patch:
+        method = patch.methods[0]
+        choose = method._choose
+        method._choose = lambda s: choose(seen.setdefault("scores", s))
+        with torch.no_grad():
+            model(x, use_cache=True)
+    return seen["scores"], method
+
+
 @pytest.mark.parametrize("top", [1, 3])
 def test_reform_scores_a_token_by_its_best_heads(top):
     """reform's token scores: the sum of each token's `top` best (layer, query head) attention, summed over the
@@ -116,14 +128,8 @@ def test_reform_scores_a_token_by_its_best_heads(top):
     model.set_attn_implementation("sdpa")
     per_head = torch.cat([a[0, :, -4:].sum(1) for a in att])  # [layers * heads, N]
     want = per_head.topk(top, dim=0).values.sum(0)
-    seen = {}
-    with llmpatch.patched(model, "reform", ratio=0.5, sink=2, window=x.shape[1], observe=4, top=top) as patch:
-        method = patch.methods[0]
-        choose = method._choose
-        method._choose = lambda s: choose(seen.setdefault("scores", s))
-        with torch.no_grad():
-            model(x, use_cache=True)
-    torch.testing.assert_close(seen["scores"], want, atol=1e-5, rtol=1e-4)
+    got, _ = chosen_scores(model, x, "reform", ratio=0.5, sink=2, window=x.shape[1], observe=4, top=top)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 def test_reform_zip_scores_a_token_by_its_best_repeat_scores():
@@ -138,15 +144,9 @@ def test_reform_zip_scores_a_token_by_its_best_repeat_scores():
     with llmpatch.patched(model, "kvzip", sink=2, chunk=16, instruction=LEAD) as p:
         per_head = p.methods[0]._score(model.model, x, stash, (LEAD, LEAD, []), spec)
     want = per_head.flatten(0, 1).topk(3, dim=0).values.sum(0)
-    seen = {}
-    with llmpatch.patched(model, "reform_zip", ratio=0.5, sink=2, window=4, chunk=2, repeat=16, top=3,
-                          instruction=LEAD) as patch:  # fmt: skip
-        method = patch.methods[0]
-        choose = method._choose
-        method._choose = lambda s: choose(seen.setdefault("scores", s))
-        with torch.no_grad():
-            model(x, use_cache=True)
-    torch.testing.assert_close(seen["scores"], want, atol=1e-5, rtol=1e-4)
+    got, method = chosen_scores(model, x, "reform_zip", ratio=0.5, sink=2, window=4, chunk=2, repeat=16, top=3,
+                                instruction=LEAD)  # fmt: skip
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert not method._stashed  # the dense prompt's keys are not held past the gather
 
 
