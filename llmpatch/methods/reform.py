@@ -126,7 +126,7 @@ class Reform(Method):
         scores = probs.sum(2).cpu()  # [B, H, N]; kept: the `top` heads so far that attend to each token most
         if self._scores is not None:
             scores = torch.cat([self._scores, scores], 1)
-        self._scores = scores.topk(min(self.top, scores.shape[1]), 1).values
+        self._scores = self._best(scores, 1)
         self._starts, self._prompt_in = mask.row_start(q.shape[0], q.device).tolist(), True
 
     def _gather(self, model, out, cache) -> None:
@@ -168,8 +168,11 @@ class Reform(Method):
 
     def _token_scores(self, model, ids) -> torch.Tensor:
         """[B, N]: the prompt tokens' scores (every rank the same: the best heads over all ranks' heads)."""
-        scores = all_gather_heads(self._scores, self._shard, 1)
-        return scores.topk(min(self.top, scores.shape[1]), 1).values.sum(1)
+        return self._best(all_gather_heads(self._scores, self._shard, 1), 1).sum(1)
+
+    def _best(self, scores: torch.Tensor, dim: int) -> torch.Tensor:
+        """The `top` largest scores along `dim` (the heads; all of them where there are fewer)."""
+        return scores.topk(min(self.top, scores.shape[dim]), dim).values
 
     def _choose(self, scores: torch.Tensor) -> torch.Tensor:
         """The prompt positions pinned (sorted): the best-scored whole chunks after the sink and the last `window`,

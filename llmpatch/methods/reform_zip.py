@@ -89,5 +89,5 @@ class ReformZip(Reform):
             scores = repeat_scores(inner, ids[row : row + 1, start:], stash, lead, self._layers,
                                    self._scoring, self.sink, self.repeat, self._hkv)  # fmt: skip
             scores = all_gather_heads(scores, self._shard, 1).flatten(0, 1)  # [layers * all KV heads, N]
-            out[row, start:] = scores.topk(min(self.top, scores.shape[0]), dim=0).values.sum(0)
+            out[row, start:] = self._best(scores, 0).sum(0)
         return out
