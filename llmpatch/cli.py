@@ -775,6 +775,8 @@ def calibrate_moa_cmd(
     validate_length: int = typer.Option(None, "--validate-length", help="pick among the Pareto plans here"),
     samples: int = typer.Option(8, "--samples", min=1, help="calibration prompts per length"),
     gqa: str = typer.Option("head", "--gqa", help="'head': per query head; 'group': one config per KV group"),
+    sliding: bool = typer.Option(False, "--sliding", help="also search the layers with the model's own sliding "
+                                 "window (Gemma-2/3's local layers; spans up to the window)"),
     seed: int = typer.Option(0, "--seed"),
     haystack: Path = typer.Option(None, "--haystack", help="a text file for the summary prompts"),
     import_official: Path = typer.Option(None, "--import-official",
@@ -815,7 +817,8 @@ def calibrate_moa_cmd(
             with _steps(samples * len(length_list), "MoA gradient profiling") as tick:
                 found = moa_search.search(m, tok, density=budgets if many else budgets[0], lengths=length_list,
                                           validate_length=validate_length, samples=samples, seed=seed,
-                                          haystack=hay, gqa=gqa, progress=show, data=data)  # fmt: skip
+                                          haystack=hay, gqa=gqa, progress=show, data=data,
+                                          sliding=sliding)  # fmt: skip
             outs = (
                 [out.with_name(f"{out.stem}-{round(100 * d)}{out.suffix}") for d in budgets]
                 if many

@@ -159,3 +159,26 @@ def test_sliding_layers_count_in_the_budget():
     assert inner > 0.4  # the sliding heads (64 / 512) leave the global layers more than the budget
     assert cal._fixed(spec, 512) == (spec.num_heads * (spec.num_layers - len(searched)),
                                      spec.num_heads * (spec.num_layers - len(searched)) * 64 / 512)  # fmt: skip
+
+
+def test_sliding_search_narrows_the_local_layers():
+    """`sliding=True` searches the sliding-window layers too (a span there counts up to the window), so a budget
+    below their own share is met; without it the same budget has no plan."""
+    model = tiny_model("gemma3_text", max_position_embeddings=1024, sliding_window=256)
+    spec = llmpatch.detect(model)
+    local = [li for li, w in enumerate(spec.sliding_window) if w is not None]
+    # at 512 the 8 local heads alone hold 0.5 each: with the global heads' floor (128 / 512) at least 0.4167
+    with pytest.raises(ParameterError, match="density: no plan meets a density budget of 0.35"):
+        cal.search(model, Tok(), density=0.35, lengths=[512], samples=1)
+    res = cal.search(model, Tok(), density=0.35, lengths=[512], samples=1, sliding=True)
+    p = res["params"]
+    assert res["searched_layers"] == list(range(spec.num_layers)) and res["sliding"] is True
+    assert res["candidates"][0]["density"][512] == pytest.approx(cal._plan_density(p, spec, 512))
+    assert cal._plan_density(p, spec, 512) <= 0.35 + 1e-9
+    narrowed = [cal.span((p["alphas"][li][h], p["betas"][li][h]), 512) for li in local for h in range(4)]
+    assert min(narrowed) < 256  # some local head keeps less than its window
+    assert cal._kv_fraction(p, spec, 512) < (2 * 256 + 512) / (3 * 512)
+    # a span past the window costs the window, so the MILP counts a dense local head at 256 / 512, not 1
+    assert cal.density((0.0, 1.0), 512, 256) == 0.5 and cal.density((0.0, 1.0), 512) == 1.0
+    with llmpatch.patched(model, "moa", **p):
+        model(torch.tensor([[5] * 300]))

@@ -22,6 +22,8 @@
 Layers with the model's own sliding window are not searched (dense in the plan; their cache is bounded), but
 their heads count in the budget at their window's density (min(window, n) / n), so a budget is the whole
 model's: on Gemma-3 (5 of 6 layers sliding at 512) the global layers get what the sliding ones leave.
+`sliding=True` searches them too: a config there costs min(span, window, n) / n (spans past the window are
+dense for that layer), so budgets below the sliding layers' own share become reachable.
 Departure: each sample's influence is normalised to sum 1 before averaging. The first-order influence scales
 with the answer's loss, so without it the summaries (answer loss ~1) outweigh the retrieval prompts, which the
 dense model answers confidently (loss ~0.05), about 10 to 1 (measured on SmolLM2).
@@ -62,8 +64,9 @@ def span(config, n: int, min_span: int = 128) -> int:
     return max(min_span, round(config[0] + config[1] * n))
 
 
-def density(config, n: int) -> float:
-    return min(span(config, n), n) / n
+def density(config, n: int, window: int | None = None) -> float:
+    """A head's share of the n keys under a config, on a layer with the model's own `window` (or none)."""
+    return min(span(config, n), window or n, n) / n
 
 
 # --- calibration data -----------------------------------------------------------------------------------------
@@ -281,10 +284,12 @@ def config_losses(diag: torch.Tensor, configs, n: int) -> np.ndarray:
 
 
 def solve(losses: dict, configs, units: list[tuple[int, list[int]]], budget: float, weights: dict,
-          max_per_layer: int = 2, time_limit: float = 60.0, fixed: dict | None = None) -> list[int]:  # fmt: skip
+          max_per_layer: int = 2, time_limit: float = 60.0, fixed: dict | None = None,
+          windows: list | None = None) -> list[int]:  # fmt: skip
     """One config index per unit (layer, heads), minimising sum_n weights[n] * loss_n under the density budget
     at every n and at most `max_per_layer` distinct configs per layer. `fixed[n]` = (heads, summed density) of
-    heads outside the search that count in the budget (sliding-window layers)."""
+    heads outside the search that count in the budget (sliding-window layers); `windows[layer]`: the model's own
+    window of a searched layer (None: global)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import lil_matrix
 
@@ -313,8 +318,8 @@ def solve(losses: dict, configs, units: list[tuple[int, list[int]]], budget: flo
     total_heads = sum(len(h) for _, h in units)
     for n in losses:  # mean density over heads (searched and fixed) <= budget
         heads, used = (fixed or {}).get(n, (0, 0.0))
-        dens = np.array([density(c, n) for c in configs])
-        rows[r, :nx] = np.concatenate([len(h) * dens for _, h in units])
+        rows[r, :nx] = np.concatenate([len(h) * np.array([density(c, n, windows[li] if windows else None)
+                                                          for c in configs]) for li, h in units])  # fmt: skip
         lo.append(0), hi.append(budget * (total_heads + heads) - used)
         r += 1
     res = milp(cost, constraints=LinearConstraint(rows.tocsr(), lo, hi), integrality=np.ones(nx + ny),
@@ -322,18 +327,19 @@ def solve(losses: dict, configs, units: list[tuple[int, list[int]]], budget: flo
     if res.x is None:
         raise ParameterError(f"density: no plan meets a density budget of {budget} ({res.message})")
     choice = [int(np.argmax(res.x[u * nc : (u + 1) * nc])) for u in range(nu)]
-    return _most_elastic(choice, configs, losses, units)
+    return _most_elastic(choice, configs, losses, units, windows)
 
 
-def _most_elastic(choice: list[int], configs, losses: dict, units) -> list[int]:
+def _most_elastic(choice: list[int], configs, losses: dict, units, windows: list | None = None) -> list[int]:
     """Ties the profiled lengths cannot break: the units of a layer that share config c move together to the
     config with the largest beta that has, for each of them, the same loss and density as c at every profiled
     length (e.g. (2048, 0) -> (0, 1), both dense at 1k and 2k). Objective, budget and configs per layer hold."""
 
     def ties(c, li, heads):
+        w = windows[li] if windows else None
         return {j for j in range(len(configs))
                 if all(abs(float(losses[n][li, heads, j].sum() - losses[n][li, heads, c].sum())) <= 1e-12
-                       and density(configs[j], n) == density(configs[c], n) for n in losses)}  # fmt: skip
+                       and density(configs[j], n, w) == density(configs[c], n, w) for n in losses)}  # fmt: skip
 
     out = list(choice)
     for li, c in {(u[0], c) for u, c in zip(units, choice, strict=True)}:
@@ -397,8 +403,9 @@ def check_search(density, lengths, validate_length, gqa, data, context=None) -> 
 
 def search(model, tokenizer, *, density, lengths: list[int], validate_length: int | None = None,
            samples: int = 8, seed: int = 0, haystack=None, gqa: str = "head", progress=None,
-           data: str = "suites") -> dict | list[dict]:  # fmt: skip
-    """One plan search; `density` a list gives one result per budget from the same profile."""
+           data: str = "suites", sliding: bool = False) -> dict | list[dict]:  # fmt: skip
+    """One plan search; `density` a list gives one result per budget from the same profile; `sliding` also
+    searches the layers with the model's own sliding window."""
     import llmpatch
 
     from ..methods.base import compressed_layers
@@ -407,7 +414,7 @@ def search(model, tokenizer, *, density, lengths: list[int], validate_length: in
     budgets = check_search(density, lengths, validate_length, gqa, data, spec.max_position_embeddings)
     t0 = time.perf_counter()
     configs, scale = search_space(lengths)
-    searched = compressed_layers(spec)  # the model's own sliding-window layers are not searched
+    searched = compressed_layers(spec, sliding)  # the model's own sliding-window layers only if `sliding`
     losses, profiles = {}, {}
     for n in lengths:
         answered = dense_answers(model, tokenizer, prompts(tokenizer, n, samples, seed, haystack, data))
@@ -422,7 +429,8 @@ def search(model, tokenizer, *, density, lengths: list[int], validate_length: in
         )
     profile_s = time.perf_counter() - t0
     results = [_choose(model, spec, configs, scale, searched, losses, profiles, lengths, d, gqa, val,
-                       validate_length, dict(samples=samples, seed=seed, data=data, profile_s=profile_s))
+                       validate_length, dict(samples=samples, seed=seed, data=data, sliding=sliding,
+                                             profile_s=profile_s))
                for d in budgets]  # fmt: skip
     return results if isinstance(density, (list, tuple)) else results[0]
 
@@ -468,8 +476,9 @@ def _units(spec, searched, gqa):
 
 
 def _candidate(label, losses, configs, units, budget, weights, spec) -> dict:
-    fixed = {n: _fixed(spec, n) for n in losses}
-    choice = solve(losses, configs, units, budget, weights, fixed=fixed)
+    searched = sorted({li for li, _ in units})
+    fixed = {n: _fixed(spec, n, searched) for n in losses}
+    choice = solve(losses, configs, units, budget, weights, fixed=fixed, windows=spec.sliding_window)
     params = plan_params(choice, configs, units, spec)
     loss = {n: float(sum(losses[n][li, h].sum(0)[c] for (li, h), c in zip(units, choice, strict=True)))
             for n in losses}  # fmt: skip
@@ -478,9 +487,9 @@ def _candidate(label, losses, configs, units, budget, weights, spec) -> dict:
             "kv_fraction": {n: _kv_fraction(params, spec, n) for n in losses}}  # fmt: skip
 
 
-def _fixed(spec, n) -> tuple[int, float]:
-    """Heads of the sliding-window layers (not searched) and their summed density at length n."""
-    sliding = [w for w in spec.sliding_window if w is not None]
+def _fixed(spec, n, searched=None) -> tuple[int, float]:
+    """Heads of the sliding-window layers outside the search and their summed density at length n."""
+    sliding = [w for li, w in enumerate(spec.sliding_window) if w is not None and li not in (searched or ())]
     return len(sliding) * spec.num_heads, sum(min(w, n) / n for w in sliding) * spec.num_heads
 
 
@@ -489,32 +498,24 @@ def _kv_fraction(params, spec, n) -> float:
     largest span; a sliding-window layer keeps its window."""
     g = spec.num_heads // spec.num_kv_heads
 
-    def kept(li, kv):
-        if spec.sliding_window[li] is not None:
-            return min(n, spec.sliding_window[li])
-        return max(
-            min(n, span((params["alphas"][li][h], params["betas"][li][h]), n))
-            for h in range(kv * g, (kv + 1) * g)
-        )
+    def kept(li, kv):  # an unsearched sliding layer's (0, 1) spans give its window
+        return max(_head_keys(params, spec, li, h, n) for h in range(kv * g, (kv + 1) * g))
 
     sizes = [kept(li, kv) for li in range(spec.num_layers) for kv in range(spec.num_kv_heads)]
     return sum(sizes) / (n * len(sizes))
 
 
 def _plan_density(params, spec, n) -> float:
-    """MoA density over every head at length n (sliding-window layers at their window's)."""
-    from ..methods.base import compressed_layers
-    from ..methods.moa import density_at
+    """MoA density over every head at length n (a sliding-window layer's heads capped at its window)."""
+    keys = [
+        _head_keys(params, spec, li, h, n) for li in range(spec.num_layers) for h in range(spec.num_heads)
+    ]
+    return sum(keys) / (n * len(keys))
 
-    searched = compressed_layers(spec)
-    heads, used = _fixed(spec, n)
-    total = len(searched) * spec.num_heads
-    inner = (
-        density_at([params["alphas"][i] for i in searched], [params["betas"][i] for i in searched], n)
-        if searched
-        else 0.0
-    )
-    return (inner * total + used) / (total + heads)
+
+def _head_keys(params, spec, li, h, n) -> int:
+    """Keys a head of layer li sees at length n under the plan: its span, capped at the layer's own window."""
+    return min(n, spec.sliding_window[li] or n, span((params["alphas"][li][h], params["betas"][li][h]), n))
 
 
 def to_plan(result: dict, spec):
