@@ -495,7 +495,7 @@ def _fixed(spec, n, searched=None) -> tuple[int, float]:
 
 def _kv_fraction(params, spec, n) -> float:
     """Ring-cache size against the dense cache at length n, every layer: each KV head keeps its query heads'
-    largest span; a sliding-window layer keeps its window."""
+    largest span, capped at the layer's own sliding window if it has one."""
     g = spec.num_heads // spec.num_kv_heads
 
     def kept(li, kv):  # an unsearched sliding layer's (0, 1) spans give its window
