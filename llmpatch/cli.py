@@ -782,7 +782,8 @@ def calibrate_moa_cmd(
     import_official: Path = typer.Option(None, "--import-official",
                                          help='convert an official {"alphas", "betas"} file instead of searching'),
     export_official: Path = typer.Option(None, "--export-official", help="also write the official format"),
-    out: Path = typer.Option(None, "--out", help="also write the plan here (it always goes to the plan store, `llmpatch plans`)"),
+    out: Path = typer.Option(None, "--out", help="also write the plan here (a single plan also goes to the plan "
+                             "store, `llmpatch plans`; several --density budgets only here)"),
 ):  # fmt: skip
     """MoA: gradient profiling + MILP (scipy HiGHS) plan search -> plan with per-head (alpha, beta)."""
     from . import adapters
