@@ -47,6 +47,7 @@ PAPER_LONGEST = 8192
 ANSWER_TOKENS = 24
 PAPER_ALPHAS = range(-2048, 8193, 1024)
 BETAS = [i / 8 for i in range(9)]
+DENSE = (0.0, 1.0)  # the config of a head that keeps every key (an unsearched layer's, in a plan)
 
 
 def search_space(lengths: list[int]) -> tuple[list[tuple[float, float]], float]:
@@ -64,9 +65,13 @@ def span(config, n: int, min_span: int = 128) -> int:
     return max(min_span, round(config[0] + config[1] * n))
 
 
+def kept_keys(config, n: int, window: int | None = None) -> int:
+    """Keys a head sees at length n under a config, on a layer with the model's own `window` (or none)."""
+    return min(span(config, n), window or n, n)
+
+
 def density(config, n: int, window: int | None = None) -> float:
-    """A head's share of the n keys under a config, on a layer with the model's own `window` (or none)."""
-    return min(span(config, n), window or n, n) / n
+    return kept_keys(config, n, window) / n
 
 
 # --- calibration data -----------------------------------------------------------------------------------------
@@ -316,10 +321,11 @@ def solve(losses: dict, configs, units: list[tuple[int, list[int]]], budget: flo
         lo.append(0), hi.append(max_per_layer)
         r += 1
     total_heads = sum(len(h) for _, h in units)
+    win = lambda li: windows[li] if windows else None  # noqa: E731
     for n in losses:  # mean density over heads (searched and fixed) <= budget
         heads, used = (fixed or {}).get(n, (0, 0.0))
-        rows[r, :nx] = np.concatenate([len(h) * np.array([density(c, n, windows[li] if windows else None)
-                                                          for c in configs]) for li, h in units])  # fmt: skip
+        dens = {w: np.array([density(c, n, w) for c in configs]) for w in {win(li) for li, _ in units}}
+        rows[r, :nx] = np.concatenate([len(h) * dens[win(li)] for li, h in units])
         lo.append(0), hi.append(budget * (total_heads + heads) - used)
         r += 1
     res = milp(cost, constraints=LinearConstraint(rows.tocsr(), lo, hi), integrality=np.ones(nx + ny),
@@ -355,8 +361,8 @@ def _most_elastic(choice: list[int], configs, losses: dict, units, windows: list
 
 
 def plan_params(choice: list[int], configs, units, spec) -> dict:
-    alphas = [[0.0] * spec.num_heads for _ in range(spec.num_layers)]
-    betas = [[1.0] * spec.num_heads for _ in range(spec.num_layers)]  # unsearched layers stay dense
+    alphas = [[DENSE[0]] * spec.num_heads for _ in range(spec.num_layers)]
+    betas = [[DENSE[1]] * spec.num_heads for _ in range(spec.num_layers)]  # unsearched layers stay dense
     for (li, heads), c in zip(units, choice, strict=True):
         for h in heads:
             alphas[li][h], betas[li][h] = float(configs[c][0]), float(configs[c][1])
@@ -490,7 +496,7 @@ def _candidate(label, losses, configs, units, budget, weights, spec) -> dict:
 def _fixed(spec, n, searched=None) -> tuple[int, float]:
     """Heads of the sliding-window layers outside the search and their summed density at length n."""
     sliding = [w for li, w in enumerate(spec.sliding_window) if w is not None and li not in (searched or ())]
-    return len(sliding) * spec.num_heads, sum(min(w, n) / n for w in sliding) * spec.num_heads
+    return len(sliding) * spec.num_heads, sum(density(DENSE, n, w) for w in sliding) * spec.num_heads
 
 
 def _kv_fraction(params, spec, n) -> float:
@@ -515,7 +521,7 @@ def _plan_density(params, spec, n) -> float:
 
 def _head_keys(params, spec, li, h, n) -> int:
     """Keys a head of layer li sees at length n under the plan: its span, capped at the layer's own window."""
-    return min(n, spec.sliding_window[li] or n, span((params["alphas"][li][h], params["betas"][li][h]), n))
+    return kept_keys((params["alphas"][li][h], params["betas"][li][h]), n, spec.sliding_window[li])
 
 
 def to_plan(result: dict, spec):
