@@ -40,6 +40,7 @@ import torch
 
 from ..errors import ParameterError
 from ..kernels import rules
+from ..methods import shared
 
 BLOCK = 64
 SINK = 64
@@ -62,7 +63,7 @@ def search_space(lengths: list[int]) -> tuple[list[tuple[float, float]], float]:
 
 
 def span(config, n: int, min_span: int = 128) -> int:
-    return max(min_span, round(config[0] + config[1] * n))
+    return shared.span(config[0], config[1], n, min_span)
 
 
 def kept_keys(config, n: int, window: int | None = None) -> int:

@@ -28,13 +28,18 @@ def tail_param():
                  "0 = the pattern everywhere)", lambda v: v >= 0)  # fmt: skip
 
 
+def span(alpha: float, beta: float, n: int, min_span: int) -> int:
+    """A head's elastic span at input length n: S(n) = alpha + beta * n tokens, rounded, at least `min_span`."""
+    return max(min_span, round(alpha + beta * n))
+
+
 def spans_at(
     alphas, betas, n: int, *, sink: int, min_span: int
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """{layer: (sink [H], window [H])} at input length n; window -1 where the span covers the input."""
     out = {}
     for i, (a_row, b_row) in enumerate(zip(alphas, betas, strict=True)):
-        s = torch.tensor([max(min_span, round(a + b * n)) for a, b in zip(a_row, b_row, strict=True)])
+        s = torch.tensor([span(a, b, n, min_span) for a, b in zip(a_row, b_row, strict=True)])
         dense = s >= n
         out[i] = (torch.where(dense, 0, sink), torch.where(dense, -1, (s - sink).clamp(min=1)))
     return out
