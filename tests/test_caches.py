@@ -109,3 +109,27 @@ def test_retrieval_kv_does_not_compose_with_act():
             retrieval_kv={"heads": [[0, 0]]},
             act={"heads": [[1, 1]]},
         )
+
+
+def test_a_whole_head_grows_in_steps_and_decodes_the_same():
+    """A KV head that keeps every token grows GROW slots at a time: decoding across several regrowths gives the
+    masked twin's tokens, and the cache holds less than GROW slots of room past the tokens."""
+    from llmpatch.caches.ring import GROW
+
+    model = tiny_model("llama")
+    x = torch.tensor([list(range(3, 43))])  # 40 tokens
+    kw = dict(max_new_tokens=2 * GROW + 5, min_new_tokens=2 * GROW + 5, do_sample=False, pad_token_id=0)
+    with llmpatch.patched(model, "retrieval_kv", heads=[[0, 0]], sink=2, recent=4) as p:
+        out = model.generate(x, return_dict_in_generate=True, **kw)
+        report = p.methods[0].kv_report(out.past_key_values)
+    sinks, windows = sink_window_twin(model, [[0, 0]], 2, 4)
+    with llmpatch.patched(model, "dense") as p:
+        for layer in p.layers:
+            layer.sink, layer.window = torch.tensor(sinks[layer.layer]), torch.tensor(windows[layer.layer])
+        want = model.generate(x, **kw)
+    assert torch.equal(out.sequences, want)
+    spec = llmpatch.detect(model)
+    seen = x.shape[1] + kw["max_new_tokens"] - 1  # the last token is never written
+    slot = 2 * spec.head_dim * 4
+    held = report["kv_bytes"] // slot - (spec.num_layers * spec.num_kv_heads - 1) * (2 + 4 + STEP - 1)
+    assert seen <= held < seen + GROW

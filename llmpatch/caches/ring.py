@@ -39,7 +39,7 @@ from ..decisions import KeyPositions, Kind
 from ..errors import PatchStateError
 
 STEP = 1  # new tokens a call may bring and still be written before it attends (ring = window exactly)
-GROW = 256  # slots added at once when a head that keeps every token runs out of room
+GROW = 32  # slots added at once when a head that keeps every token runs out of room (KV saved counts them)
 
 
 def ring_slots(pos: torch.Tensor, sink: torch.Tensor, ring: torch.Tensor, pins=None) -> torch.Tensor:
