@@ -121,7 +121,7 @@ def test_a_whole_head_grows_in_steps_and_decodes_the_same():
     kw = dict(max_new_tokens=2 * GROW + 5, min_new_tokens=2 * GROW + 5, do_sample=False, pad_token_id=0)
     with llmpatch.patched(model, "retrieval_kv", heads=[[0, 0]], sink=2, recent=4) as p:
         out = model.generate(x, return_dict_in_generate=True, **kw)
-        report = p.methods[0].kv_report(out.past_key_values)
+        report = p.methods[0].kv_report(caches.output_cache(out))
     sinks, windows = sink_window_twin(model, [[0, 0]], 2, 4)
     with llmpatch.patched(model, "dense") as p:
         for layer in p.layers:
