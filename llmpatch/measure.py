@@ -95,9 +95,11 @@ class GenerationResult:
 
 
 @torch.inference_mode()
-def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int = 32, tracker=None) -> GenerationResult:
+def generate_timed(
+    model, tokenizer, prompt: str, max_new_tokens: int = 32, tracker=None, min_new_tokens: int = 0
+) -> GenerationResult:
     """Greedy generation of one prompt (already templated) with timings; `tracker` (Patch.track_sparsity())
-    gives the share of the causal attention computed."""
+    gives the share of the causal attention computed; `min_new_tokens` holds off the end-of-sequence token."""
     if tracker is not None:
         tracker.reset()
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
@@ -109,6 +111,7 @@ def generate_timed(model, tokenizer, prompt: str, max_new_tokens: int = 32, trac
             out = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens,
                 do_sample=False,
                 streamer=clock,
                 pad_token_id=tokenizer.pad_token_id,
