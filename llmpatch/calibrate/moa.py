@@ -44,6 +44,7 @@ from ..methods import shared
 
 BLOCK = 64
 SINK = 64
+MIN_SPAN = 128  # moa's default min_span: the plans are searched for it
 PAPER_LONGEST = 8192
 ANSWER_TOKENS = 24
 PAPER_ALPHAS = range(-2048, 8193, 1024)
@@ -62,13 +63,13 @@ def search_space(lengths: list[int]) -> tuple[list[tuple[float, float]], float]:
     return ok, s
 
 
-def span(config, n: int, min_span: int = 128) -> int:
+def span(config, n: int, min_span: int = MIN_SPAN) -> int:
     return shared.span(config[0], config[1], n, min_span)
 
 
 def kept_keys(config, n: int, window: int | None = None) -> int:
     """Keys a head sees at length n under a config, on a layer with the model's own `window` (or none)."""
-    return min(span(config, n), window or n, n)
+    return shared.kept(config[0], config[1], n, MIN_SPAN, window)
 
 
 def density(config, n: int, window: int | None = None) -> float:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..errors import ParameterError, PlanError
 from .base import param
-from .shared import ElasticSinkWindow, span, spans_at, tail_param
+from .shared import ElasticSinkWindow, kept, spans_at, tail_param
 
 
 def _matrix_ok(v, lo: float = float("-inf"), hi: float = float("inf")) -> bool:
@@ -39,7 +39,7 @@ def _matrix_ok(v, lo: float = float("-inf"), hi: float = float("inf")) -> bool:
 
 def density_at(alphas, betas, n: int, *, min_span: int = 128) -> float:
     """MoA's density: the mean over heads of min(S_h(n), n) / n."""
-    vals = [min(n, span(a, b, n, min_span)) / n for ar, br in zip(alphas, betas, strict=True)
+    vals = [kept(a, b, n, min_span) / n for ar, br in zip(alphas, betas, strict=True)
             for a, b in zip(ar, br, strict=True)]  # fmt: skip
     return sum(vals) / len(vals)
 

@@ -33,6 +33,11 @@ def span(alpha: float, beta: float, n: int, min_span: int) -> int:
     return max(min_span, round(alpha + beta * n))
 
 
+def kept(alpha: float, beta: float, n: int, min_span: int, window: int | None = None) -> int:
+    """Keys a head sees at input length n: its span, capped at the input and at the layer's own `window`."""
+    return min(span(alpha, beta, n, min_span), window or n, n)
+
+
 def spans_at(
     alphas, betas, n: int, *, sink: int, min_span: int
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
