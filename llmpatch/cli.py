@@ -680,6 +680,11 @@ def calibrate_retrieval_effect_cmd(
     length: int = typer.Option(1024, "--length", min=256, help="prompt length in tokens"),
     sink: int = typer.Option(32, "--sink", min=0),
     recent: int = typer.Option(128, "--recent", min=1),
+    sliding: bool = typer.Option(
+        False,
+        "--sliding",
+        help="measure and count the sliding-window layers' KV heads too (retrieval_kv's sliding)",
+    ),
     families: str = typer.Option(None, "--families", help="comma-separated mix families (default: all)"),
     out: Path = typer.Option(
         None, "--out", help="also write the plan here (it always goes to the plan store, `llmpatch plans`)"
@@ -708,7 +713,8 @@ def calibrate_retrieval_effect_cmd(
         fams = None if families is None else [f.strip() for f in families.split(",") if f.strip()]
         with _steps(None, "effect of each KV head, then the rankings on dev") as tick:
             res = effect.calibrate(m, tok, entry, kv_heads=kv_heads, samples=samples, dev_samples=dev_samples,
-                                   length=length, sink=sink, recent=recent, families=fams, progress=show)  # fmt: skip
+                                   length=length, sink=sink, recent=recent, sliding=sliding, families=fams,
+                                   progress=show)  # fmt: skip
         written = _keep(Plan(spec.fingerprint(), [{"name": "retrieval_heads", "params": res["params"]}],
                              provenance(source_plan=source.provenance, **res["provenance"])), out)  # fmt: skip
     except LlmpatchError as exc:

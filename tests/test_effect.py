@@ -45,6 +45,26 @@ def test_effect_scores_cover_the_compressed_layers_and_choose_a_ranking():
         effect.top_k_for(scores, spec, 10**6)
 
 
+def test_sliding_measures_and_counts_the_local_layers():
+    model = tiny_model("gemma3_text", max_position_embeddings=1024)
+    spec = llmpatch.detect(model)
+    local = [li for li in range(spec.num_layers) if spec.sliding_window[li] is not None]
+    assert local
+    g = spec.num_heads // spec.num_kv_heads
+    # copy scores that rank a local layer's heads first: they count only with sliding
+    scores = [[1.0 if li == local[0] else 0.5 / (1 + li)] * spec.num_heads for li in range(spec.num_layers)]
+    assert effect.top_k_for(scores, spec, 1, sliding=True) == 1
+    assert effect.top_k_for(scores, spec, 1) > g
+    res = effect.calibrate(model, DecodingTok(), {"scores": scores}, kv_heads=1, samples=1, dev_samples=2,
+                           length=256, sink=4, recent=8, sliding=True)  # fmt: skip
+    assert res["provenance"]["effect"]["sliding"] is res["provenance"]["ranking_choice"]["sliding"] is True
+    assert "sliding" not in res["params"]  # retrieval_mask and kvzip_heads read the same plan
+    eff = res["params"]["effect_scores"]
+    assert any(v != 0 for li in local for v in eff[li])  # the local layers were measured
+    with llmpatch.patched(model, "retrieval_kv", **res["params"], sink=4, recent=8, sliding=True):
+        model(torch.tensor([[5] * 40]))
+
+
 def test_score_effect_needs_the_table():
     model = tiny_model("llama")
     spec = llmpatch.detect(model)

@@ -22,7 +22,7 @@ SHIPPED = {
     "smollm2-135m-retrieval.json": "benchmarks/retrieval/smollm2-135m-heads-effect.json",
     "gemma3-270m-act.json": "benchmarks/act/gemma3-270m-act.json",
     "gemma3-270m-moa.json": "benchmarks/moa/gemma3-270m-moa-mix-47.json",
-    "gemma3-270m-retrieval.json": "benchmarks/retrieval/gemma3-270m-heads.json",
+    "gemma3-270m-retrieval.json": "benchmarks/retrieval/gemma3-270m-heads-effect.json",
 }
 runner = CliRunner()
 
