@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+from llmpatch.evals.runner import budget
 from llmpatch.evals.suites import get_suite
 
 import llmpatch
@@ -36,13 +37,13 @@ def main() -> None:
     result = stored["results"][0]
     config = next(c for c in result["configs"] if c["label"] == args.label)
     old = [s for s in config["samples"] if s["length"] == args.length][: args.samples]
-    suite = get_suite(result["suite"])
+    suite = get_suite(result["suite"], result.get("families"))
     model, tok = llmpatch.load_model(model_name)
     rows = []
     with llmpatch.patched(model, config["methods"], config["plan"], **config["params"]):
         for i, before in enumerate(old):
             s = suite.sample(tok, args.length, i, seed=result["seed"], depth=before.get("depth"))
-            gen = generate_timed(model, tok, s.prompt, suite.max_new_tokens)
+            gen = generate_timed(model, tok, s.prompt_ids or s.prompt, budget(suite, s))
             row = {"index": i, "output": gen.text, "score": suite.score(s, gen.text), "stored_output": before["output"],
                    "stored_score": before["score"], "same_output": gen.text == before["output"],
                    **{k: v for k, v in gen.to_dict().items() if k != "text"}}  # fmt: skip

@@ -1,5 +1,5 @@
 """Recipes: YAML files naming a model, the methods to compare (the unpatched dense baseline is always added
-first), the suites with their lengths, depths and sample counts.
+first), the suites with their lengths, depths and sample counts (and the `mix` suite's families).
 
     model: smollm2-135m
     seed: 0
@@ -8,6 +8,7 @@ first), the suites with their lengths, depths and sample counts.
     suites:
       passkey: {lengths: [1024, 2048]}
       niah: {lengths: [1024, 2048, 3072], depths: [0.1, 0.3, 0.5, 0.7, 0.9], samples: 1}
+      mix: {lengths: [1024], samples: 30, families: [niah_number, multikey]}   # the held-out mix's test split
     methods:
       - label: window-256
         method: sink_window           # or a list of methods to compose
@@ -25,11 +26,11 @@ import yaml
 from llmpatch.errors import LlmpatchError, ParameterError
 
 from .runner import BASELINE, MethodConfig
-from .suites import SUITES
+from .suites import SUITES, get_suite
 
 TOP_KEYS = {"model", "seed", "samples", "haystack", "suites", "methods", "description", "dtype", "device",
             "beyond_context", "answer_logprob"}  # fmt: skip
-SUITE_KEYS = {"lengths", "depths", "samples"}
+SUITE_KEYS = {"lengths", "depths", "samples", "families"}
 METHOD_KEYS = {"label", "method", "params", "plan"}
 
 
@@ -39,6 +40,7 @@ class SuiteSpec:
     lengths: list[int]
     samples: int
     depths: list[float] | None = None
+    families: list[str] | None = None  # the mix's families (the mix suite only)
 
 
 @dataclass
@@ -129,7 +131,12 @@ def load_recipe(path: str | Path) -> Recipe:
         samples = spec.get("samples", default_samples)
         if not isinstance(samples, int) or samples < 1:
             raise _err(path, f"{where}.samples", f"must be an integer >= 1, got {samples!r}")
-        suites.append(SuiteSpec(name, lengths, samples, depths))
+        families = spec.get("families")
+        try:
+            get_suite(name, families)
+        except ParameterError as exc:
+            raise _err(path, f"{where}.families", str(exc).split(": ", 1)[1]) from None
+        suites.append(SuiteSpec(name, lengths, samples, depths, families))
 
     configs = [MethodConfig(BASELINE)]
     for i, entry in enumerate(data.get("methods") or []):

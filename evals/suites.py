@@ -35,10 +35,13 @@ class Sample:
     depth: float | None = None
     answer_text: str | None = None  # the reference answer whose log-probability is reported
     meta: dict = field(default_factory=dict)
+    prompt_ids: list[int] | None = None  # the prompt's tokens where they are not `prompt` tokenized whole
+    max_new_tokens: int | None = None  # this sample's own limit (else the suite's)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("prompt")
+        d.pop("prompt_ids")
         return d
 
 
@@ -256,6 +259,40 @@ class RulerVT(Suite):
         return sum(n in output for n in sample.answers) / len(sample.answers)
 
 
+class Mix(Suite):
+    """The held-out mix's test split (`evals/mix.py`) as an eval suite: sample i is the test split's sample i,
+    prefilled whole (protocol A), with its own token ids and answer budget, scored by the mix's string match, so
+    its outputs are `llmpatch bench accuracy`'s protocol-A outputs. `families` (a recipe's suite key) picks the
+    families, as the mix recipes do; default: all ten. The run's seed and haystack do not apply (a split's
+    samples are fixed by their seeds)."""
+
+    name = "mix"
+
+    def __init__(self, families: list[str] | None = None):
+        from . import mix
+
+        bad = [f for f in families or [] if f not in mix.FAMILIES]
+        if bad or families == []:
+            raise ParameterError(
+                f"families: must be a non-empty list of mix families ({', '.join(mix.FAMILIES)}), got {families!r}"
+            )
+        self.families = families
+
+    def sample(self, tokenizer, length, index, *, seed=0, depth=None, haystack=None):
+        from . import mix
+
+        m = mix.make_sample(tokenizer, "test", index, length, self.families)
+        ids, prompt = m.context_ids + m.question_ids, m.context + m.question  # (both parts chat-templated)
+        return Sample(self.name, length, index, prompt, prompt, m.answers, len(ids),
+                      meta={"family": m.family, "seed": m.seed, "source": m.source}, prompt_ids=ids,
+                      max_new_tokens=m.max_new_tokens)  # fmt: skip
+
+    def score(self, sample, output):
+        from . import mix
+
+        return mix.score(sample.answers, output)
+
+
 SUITES: dict[str, Suite] = {
     s.name: s
     for s in (
@@ -266,11 +303,17 @@ SUITES: dict[str, Suite] = {
         RulerNiah("ruler_niah_multivalue", values=4),
         RulerNiah("ruler_niah_multiquery", keys=4, queries=4),
         RulerVT(),
+        Mix(),
     )
 }
 
 
-def get_suite(name: str) -> Suite:
+def get_suite(name: str, families: list[str] | None = None) -> Suite:
+    """The suite `name`; `families` only for the mix."""
     if name not in SUITES:
         raise ParameterError(f"suite: unknown suite {name!r}; available: {', '.join(SUITES)}")
-    return SUITES[name]
+    if families is None:
+        return SUITES[name]
+    if not isinstance(SUITES[name], Mix):
+        raise ParameterError(f"families: only the mix suite takes families, not {name!r}")
+    return Mix(families)

@@ -541,6 +541,7 @@ def eval_cmd(
     from .evals.haystack import Haystack
     from .evals.recipes import check_methods, load_recipe
     from .evals.runner import run_suite, write_report
+    from .evals.suites import get_suite
     from .models import load_model
 
     try:
@@ -553,7 +554,8 @@ def eval_cmd(
         results = []
         with Progress(console=err) as progress:
             for s in r.suites:
-                results.append(run_suite(m, tok, s.name, lengths=s.lengths, samples=s.samples, depths=s.depths,
+                suite = get_suite(s.name, s.families)
+                results.append(run_suite(m, tok, suite, lengths=s.lengths, samples=s.samples, depths=s.depths,
                                          configs=r.configs, seed=r.seed, haystack=hay, progress=progress,
                                          beyond_context=r.beyond_context, logprob=r.answer_logprob))  # fmt: skip
         out = out or _default_out(recipe.stem)

@@ -96,13 +96,18 @@ class GenerationResult:
 
 @torch.inference_mode()
 def generate_timed(
-    model, tokenizer, prompt: str, max_new_tokens: int = 32, tracker=None, min_new_tokens: int = 0
+    model, tokenizer, prompt: str | list[int], max_new_tokens: int = 32, tracker=None, min_new_tokens: int = 0
 ) -> GenerationResult:
-    """Greedy generation of one prompt (already templated) with timings; `tracker` (Patch.track_sparsity())
-    gives the share of the causal attention computed; `min_new_tokens` holds off the end-of-sequence token."""
+    """Greedy generation of one prompt (already templated, or its token ids) with timings; `tracker`
+    (Patch.track_sparsity()) gives the share of the causal attention computed; `min_new_tokens` holds off the
+    end-of-sequence token."""
     if tracker is not None:
         tracker.reset()
-    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+    if isinstance(prompt, str):
+        enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+    else:
+        ids = torch.tensor([prompt], device=model.device)
+        enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     clock = _Clock()
     timer = _PrefillTimer(model)
     try:
@@ -123,14 +128,14 @@ def generate_timed(
 
     cache = output_cache(out)
     kv = (kv_bytes(cache), dense_kv_bytes(cache)) if cache is not None else (None, None)
-    new = out.sequences[0, enc.input_ids.shape[1] :]
+    new = out.sequences[0, enc["input_ids"].shape[1] :]
     stamps = clock.times[1:]  # the first put() is the prompt
     ttft = stamps[0] - t0 if stamps else float("nan")
     rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
     return GenerationResult(
         text=tokenizer.decode(new, skip_special_tokens=True),
         new_tokens=int(new.numel()),
-        prompt_tokens=int(enc.input_ids.shape[1]),
+        prompt_tokens=int(enc["input_ids"].shape[1]),
         ttft_s=ttft,
         prefill_s=timer.seconds,
         decode_tokens_per_s=rate,

@@ -33,10 +33,13 @@ def test_prompts_fit_the_budget_and_are_deterministic(tok, name, length):
     suite = SUITES[name]
     a = suite.sample(tok, length, 3, seed=7, depth=0.5 if suite.grid_depths else None)
     b = suite.sample(tok, length, 3, seed=7, depth=0.5 if suite.grid_depths else None)
-    c = suite.sample(tok, length, 3, seed=8, depth=0.5 if suite.grid_depths else None)
+    # the mix's samples are fixed by (split, index): the seed does not apply
+    other = 4 if name == "mix" else 3
+    c = suite.sample(tok, length, other, seed=8, depth=0.5 if suite.grid_depths else None)
     assert a == b and a.prompt != c.prompt
     assert 0.85 * length <= a.n_tokens <= length
-    assert a.n_tokens == len(tok(a.prompt, add_special_tokens=False).input_ids)
+    # the mix tokenizes context and question apart (protocol B's split); whole, the seam can merge differently
+    assert a.n_tokens == len(a.prompt_ids or tok(a.prompt, add_special_tokens=False).input_ids)
     assert a.prompt.startswith("<|im_start|>")  # SmolLM2's chat template
     for answer in a.answers:
         assert answer in a.text  # every expected answer is present in the haystack
@@ -87,6 +90,32 @@ def test_user_haystack_and_errors(tok, tmp_path):
     (tmp_path / "one.txt").write_text("only one sentence")
     with pytest.raises(ParameterError, match="fewer than two sentences"):
         hs.Haystack(tmp_path / "one.txt")
+
+
+def test_mix_suite_gives_bench_accuracys_protocol_a_outputs(smollm2, tmp_path):
+    """The held-out mix as an eval suite: the test split's samples, their own token ids and answer budgets, so a
+    recipe's mix cell is `llmpatch bench accuracy`'s protocol A on the same samples."""
+    from llmpatch.evals.accuracy import run_sample
+    from llmpatch.evals.mix import make_sample
+    from llmpatch.evals.runner import run_suite
+
+    model, tok = smollm2
+    families = ["niah_number", "multivalue"]
+    result = run_suite(model, tok, get_suite("mix", families), lengths=[512], samples=2, logprob=False)
+    (dense,) = result["configs"]
+    assert result["families"] == families
+    for i, rec in enumerate(dense["samples"]):
+        want = run_sample(model, tok, make_sample(tok, "test", i, 512, families), "A")
+        assert rec["meta"]["family"] == families[i] and rec["meta"]["seed"] == want["seed"]
+        assert rec["output"] == want["output"] and rec["score"] == want["score"]
+        assert rec["prompt_tokens"] == want["n_tokens"] and rec["new_tokens"] == want["new_tokens"]
+    assert "prompt_ids" not in dense["samples"][0]
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        f"model: smollm2-135m\nsuites: {{mix: {{lengths: [1024], samples: 3, families: {families}}}}}\n"
+    )
+    (spec,) = load_recipe(path).suites
+    assert spec.families == families and get_suite(spec.name, spec.families).families == families
 
 
 def test_unknown_suite_and_too_long(smollm2):
@@ -167,6 +196,10 @@ def test_metadata_and_report(tmp_path):
          r"'methods\[0\]' sink_window: parameter 'window' must be an int >= 1"),
         ("model: m\nsuites: {passkey: {lengths: [512]}}\nmethods: [{method: moa, plan: nope.json}]\n",
          r"'methods\[0\]' plan: file 'nope.json' does not exist"),
+        ("model: m\nsuites: {passkey: {lengths: [512], families: [vt]}}\n",
+         r"'suites.passkey.families' only the mix suite takes families, not 'passkey'"),
+        ("model: m\nsuites: {mix: {lengths: [512], families: [vt, needle]}}\n",
+         r"'suites.mix.families' must be a non-empty list of mix families \(niah_number, .*\), got \['vt', 'needle'\]"),
     ],
 )  # fmt: skip
 def test_malformed_recipes_name_the_key(tmp_path, text, match):

@@ -169,6 +169,7 @@ def test_runner_engine_contract(smollm2, tmp_path):
     only: the real vLLM engine is tested in tests/vllm_plugin): every prompt generated once per configuration,
     the HF path's measurements left empty, the engine's figures beside each configuration, a report written."""
     from llmpatch.evals.runner import MethodConfig, run_suite, write_report
+    from llmpatch.evals.suites import get_suite
     from transformers import AutoConfig, AutoTokenizer
 
     from llmpatch.models import alias_dir
@@ -196,3 +197,17 @@ def test_runner_engine_contract(smollm2, tmp_path):
         assert all(s["output"] == "" and s["ttft_s"] is None for s in config["samples"])
     assert [c["density"] for c in res["configs"][1]["cells"]] == [None]
     assert "results.json" in write_report([res], tmp_path, model="smollm2-135m")["files"]
+
+    class Talks(Engine):  # answers with as many tokens as it is allowed
+        def generate(self, config, ids, max_new_tokens):
+            self.seen = (ids, max_new_tokens)
+            return [[tok.encode(" 7")[0]] * max_new_tokens for _ in ids]
+
+    mix, talks = get_suite("mix", ["niah_word", "multivalue"]), Talks()
+    res = run_suite(AutoConfig.from_pretrained(path), tok, mix, lengths=[512], samples=2, engine=talks,
+                    logprob=False)  # fmt: skip
+    ids, budget = (
+        talks.seen
+    )  # the mix's own token ids; one run at the largest budget, each output cut to its own
+    assert ids == [mix.sample(tok, 512, i).prompt_ids for i in range(2)] and budget == 40
+    assert [r["new_tokens"] for r in res["configs"][0]["samples"]] == [12, 40]
