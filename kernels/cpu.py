@@ -253,6 +253,11 @@ def _row_chunks(q, k, v, scale, softcap, start, key_padding, sliding_window, sin
         # Past the sinks, with no padding and no block list, every full chunk has the same mask: build it once.
         steady = start_free and key_padding is None and kv_index is None and r1 - r0 == rows
         steady &= not contiguous or (r0 == 0 and r1 == nq)  # band chunks past the sinks, or the only chunk
+        # ...except where the layer's own window hides sinks from some rows (absolute positions): the number of
+        # sinks the chunk's first and last query no longer see is part of the mask's identity.
+        hidden = None
+        if sliding_window is not None and sink_end:
+            hidden = tuple(min(sink_end, max(0, nk - nq + r - sliding_window + 1)) for r in (r0, r1 - 1))
         key = (
             b,
             rows,
@@ -261,6 +266,7 @@ def _row_chunks(q, k, v, scale, softcap, start, key_padding, sliding_window, sin
             kend if contiguous else None,
             reach,
             sliding_window,
+            hidden,
             sink_key,
             q.dtype,
             q.device,

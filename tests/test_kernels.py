@@ -104,6 +104,29 @@ def test_cpu_per_head_spans_by_group_match_reference(problem, data):
     )
 
 
+@settings(max_examples=max(10, EXAMPLES // 2), deadline=None, derandomize=True)
+@given(
+    st.integers(300, 900), st.sampled_from([0, 1, 37]), st.integers(0, 70), st.integers(8, 600),
+    st.integers(32, 700), st.sampled_from([(2, 1), (3, 3)]), st.integers(0, 2**16),
+)  # fmt: skip
+def test_cpu_band_chunks_under_the_layers_own_window_match_reference(nk, back, sink, window, own, heads, seed):
+    """Band chunks past the sinks reuse one mask; under the layer's own sliding window (Gemma's local layers) a
+    row sees a sink only while it is inside that window, which depends on the row's absolute position, so
+    chunks whose rows see different sinks must not share a mask. Long enough for several band chunks (the
+    one-call fallback off), queries at the end of a longer cache too, LSE included."""
+    h, hkv = heads
+    nq = nk - back
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, n, m, 16, generator=g) for n, m in ((h, nq), (hkv, nk), (hkv, nk)))
+    kw = {"sink": torch.full((h,), sink), "window": torch.full((h,), window), "sliding_window": own}
+    want = reference.attention(q, k, v, **kw)
+    with mock.patch.object(cpu, "DENSE_FALLBACK_KEYS", 0):
+        out, lse = cpu.attention(q, k, v, return_lse=True, **kw)
+        _check(cpu.attention(q, k, v, **kw), want.out, 1e-5)
+    _check(out, want.out, 1e-5)
+    torch.testing.assert_close(lse, want.lse, atol=1e-5, rtol=0)
+
+
 def test_moa_like_spans_run_per_group_and_match_reference():
     """SmolLM2's shapes (9 query heads on 3 KV heads) past the one-call length, two spans mixed across KV groups,
     as in a MoA plan: the per-group path runs and equals the reference."""
