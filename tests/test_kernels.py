@@ -109,7 +109,9 @@ def test_cpu_per_head_spans_by_group_match_reference(problem, data):
     st.integers(300, 900), st.sampled_from([0, 1, 37]), st.integers(0, 70), st.integers(8, 600),
     st.integers(32, 700), st.sampled_from([(2, 1), (3, 3)]), st.integers(0, 2**16),
 )  # fmt: skip
-def test_cpu_band_chunks_under_the_layers_own_window_match_reference(nk, back, sink, window, own, heads, seed):
+def test_cpu_band_chunks_under_the_layers_own_window_match_reference(
+    nk, back, sink, window, own, heads, seed
+):
     """Band chunks past the sinks reuse one mask; under the layer's own sliding window (Gemma's local layers) a
     row sees a sink only while it is inside that window, which depends on the row's absolute position, so
     chunks whose rows see different sinks must not share a mask. Long enough for several band chunks (the
