@@ -26,7 +26,7 @@ import yaml
 from llmpatch.errors import LlmpatchError, ParameterError
 
 from .runner import BASELINE, MethodConfig
-from .suites import SUITES, get_suite
+from .suites import SUITES, families_problem
 
 TOP_KEYS = {"model", "seed", "samples", "haystack", "suites", "methods", "description", "dtype", "device",
             "beyond_context", "answer_logprob"}  # fmt: skip
@@ -132,10 +132,9 @@ def load_recipe(path: str | Path) -> Recipe:
         if not isinstance(samples, int) or samples < 1:
             raise _err(path, f"{where}.samples", f"must be an integer >= 1, got {samples!r}")
         families = spec.get("families")
-        try:
-            get_suite(name, families)
-        except ParameterError as exc:
-            raise _err(path, f"{where}.families", str(exc).split(": ", 1)[1]) from None
+        problem = families_problem(name, families)
+        if problem:
+            raise _err(path, f"{where}.families", problem)
         suites.append(SuiteSpec(name, lengths, samples, depths, families))
 
     configs = [MethodConfig(BASELINE)]

@@ -269,14 +269,7 @@ class Mix(Suite):
     name = "mix"
 
     def __init__(self, families: list[str] | None = None):
-        from . import mix
-
-        bad = [f for f in families or [] if f not in mix.FAMILIES]
-        if bad or families == []:
-            raise ParameterError(
-                f"families: must be a non-empty list of mix families ({', '.join(mix.FAMILIES)}), got {families!r}"
-            )
-        self.families = families
+        self.families = families  # checked by `families_problem`
 
     def sample(self, tokenizer, length, index, *, seed=0, depth=None, haystack=None):
         from . import mix
@@ -308,12 +301,24 @@ SUITES: dict[str, Suite] = {
 }
 
 
+def families_problem(name: str, families) -> str | None:
+    """Why `families` cannot go with the known suite `name` (None: they can; None families always can)."""
+    if families is None:
+        return None
+    if not isinstance(SUITES[name], Mix):
+        return f"only the mix suite takes families, not {name!r}"
+    from . import mix
+
+    if not isinstance(families, list) or not families or any(f not in mix.FAMILIES for f in families):
+        return f"must be a non-empty list of mix families ({', '.join(mix.FAMILIES)}), got {families!r}"
+    return None
+
+
 def get_suite(name: str, families: list[str] | None = None) -> Suite:
     """The suite `name`; `families` only for the mix."""
     if name not in SUITES:
         raise ParameterError(f"suite: unknown suite {name!r}; available: {', '.join(SUITES)}")
-    if families is None:
-        return SUITES[name]
-    if not isinstance(SUITES[name], Mix):
-        raise ParameterError(f"families: only the mix suite takes families, not {name!r}")
-    return Mix(families)
+    problem = families_problem(name, families)
+    if problem:
+        raise ParameterError(f"families: {problem}")
+    return SUITES[name] if families is None else Mix(families)
